@@ -1,0 +1,106 @@
+"""Frozen configs shared by conversion, storage and runtime.
+
+`ModelConfig` is d2moe's canonical description of an MoE decoder: every family (Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE, the built-in MoEfied SmolLM2) maps its own config onto it, so the runtime has one
+code path. It is stored verbatim in a store's `config.json` under "model".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+QkNorm = Literal["none", "head", "full"]
+RouterScoring = Literal["softmax", "linear"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Canonical MoE decoder description (one code path for all families)."""
+
+    family: str = field(metadata={"help": "source family, e.g. mixtral, qwen2_moe, qwen3_moe, olmoe, moefied_llama"})
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position: int = 4096
+    tie_word_embeddings: bool = False
+    attn_bias: bool = field(default=False, metadata={"help": "q/k/v projections carry biases (Qwen2-MoE)"})
+    qk_norm: QkNorm = field(
+        default="none", metadata={"help": "RMSNorm on q/k: per head (Qwen3-MoE) or over all heads (OLMoE)"}
+    )
+    # --- MoE layout ---
+    num_experts: int = 8
+    top_k: int = 2
+    expert_intermediate: int = 0
+    norm_topk_prob: bool = field(default=True, metadata={"help": "renormalise the top-k gate weights to sum 1"})
+    router_scoring: RouterScoring = field(
+        default="softmax",
+        metadata={"help": "softmax: gate weights are softmax probs; linear: top-k of raw scores, plain sum"},
+    )
+    shared_expert_intermediate: int = field(default=0, metadata={"help": "0: no shared expert"})
+    shared_expert_gate: bool = field(default=False, metadata={"help": "sigmoid gate on the shared expert (Qwen2)"})
+    dense_layers: tuple[int, ...] = field(default=(), metadata={"help": "layers with a dense FFN instead of MoE"})
+    dense_intermediate: int = 0
+    absent_expert_bias: bool = field(
+        default=False, metadata={"help": "add a learned vector for each expert a token did not choose"}
+    )
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        d = dict(d)
+        d["dense_layers"] = tuple(d.get("dense_layers", ()))
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+
+MWQMethod = Literal["msb", "residual"]
+
+
+@dataclass(frozen=True)
+class MWQConfig:
+    """Matryoshka weight quantization: 2-bit base + sign planes 3..max_bits, groups along the input dim."""
+
+    group_size: int = field(default=64, metadata={"help": "weights per group along the input dimension"})
+    method: MWQMethod = field(default="msb", metadata={"help": "msb: INT8 read by top bits; residual: fitted planes"})
+    min_bits: int = 2
+    max_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method not in ("msb", "residual"):
+            raise ValueError(f"unknown MWQ method {self.method!r} (choose msb or residual)")
+        if self.group_size <= 0 or self.group_size % 8:
+            raise ValueError(f"group size must be a positive multiple of 8, got {self.group_size}")
+        if not 2 == self.min_bits <= self.max_bits <= 8:
+            raise ValueError("bits must satisfy 2 == min_bits <= max_bits <= 8")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(range(self.min_bits, self.max_bits + 1))
