@@ -1,0 +1,163 @@
+// Shared by the MWQ CPU kernels: the matrix view, fp16 helpers, per-row coefficients, int16 activations.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+extern "C" {
+
+struct MwqMat {
+    const uint16_t* offset;      // fp16 [out, G]
+    const uint16_t* base_scale;  // fp16 [out, G]
+    const uint8_t* base;         // [out, 2, in/8]
+    const uint16_t* scales[6];   // fp16 [out, G] for planes 3..8, or null (msb: derived)
+    const uint8_t* planes[6];    // [out, in/8] for planes 3..8
+    int64_t out;
+    int64_t in;
+    int64_t group_size;
+};
+
+}  // extern "C"
+
+namespace {
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal
+            int e = -1;
+            do { ++e; man <<= 1; } while (!(man & 0x400));
+            bits = sign | (uint32_t)(112 - e) << 23 | (man & 0x3ff) << 13;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | man << 13;
+    } else {
+        bits = sign | (exp + 112) << 23 | man << 13;
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+// n (<= 16) fp16 values -> floats in out[0..n)
+inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
+#if defined(__AVX512F__)
+    const __mmask16 k = (__mmask16)((1u << n) - 1);
+    _mm512_mask_storeu_ps(out, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, h)));
+#else
+    for (int64_t j = 0; j < n; ++j) out[j] = half_to_float(h[j]);
+#endif
+}
+
+// Per row: z' [G] and the `bits` coefficients [bits][G] (b0, b1, planes 3..bits) of the masked adds:
+// coef = s2, 2*s2, 2*s_i;  z' = z - sum_i s_i.  Plane-major loops over contiguous groups.
+// `s2_only` (msb int16 kernel): only coef[0..G) = s2 and z' = z - s2 * (1/2 - 2^(1-bits)).
+inline void row_coefficients(const MwqMat& m, int bits, int64_t r, float* zc, float* coef, bool s2_only = false) {
+    const int64_t G = m.in / m.group_size;
+    const bool msb = bits == 2 || m.scales[0] == nullptr;
+    if (s2_only && msb) {
+        const float tail = 0.5f - 1.f / (float)(1 << (bits - 1));
+        for (int64_t g0 = 0; g0 < G; g0 += 16) {
+            const int64_t n = G - g0 < 16 ? G - g0 : 16;
+            halves_to_floats(m.base_scale + r * G + g0, n, coef + g0);
+            halves_to_floats(m.offset + r * G + g0, n, zc + g0);
+            for (int64_t j = 0; j < n; ++j) zc[g0 + j] -= coef[g0 + j] * tail;
+        }
+        return;
+    }
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+        const int64_t n = G - g0 < 16 ? G - g0 : 16;
+        float s2[16], z[16], si[16];
+        halves_to_floats(m.base_scale + r * G + g0, n, s2);
+        halves_to_floats(m.offset + r * G + g0, n, z);
+        for (int64_t j = 0; j < n; ++j) {
+            coef[g0 + j] = s2[j];
+            coef[G + g0 + j] = 2.f * s2[j];
+        }
+        for (int i = 3; i <= bits; ++i) {
+            float* c = coef + (i - 1) * G + g0;
+            if (msb) {
+                const float f = 1.f / (float)(1 << (i - 1));  // s_i = s2 / 2^(i-1)
+                for (int64_t j = 0; j < n; ++j) si[j] = s2[j] * f;
+            } else {
+                halves_to_floats(m.scales[i - 3] + r * G + g0, n, si);
+            }
+            for (int64_t j = 0; j < n; ++j) {
+                c[j] = 2.f * si[j];
+                z[j] -= si[j];
+            }
+        }
+        for (int64_t j = 0; j < n; ++j) zc[g0 + j] = z[j];
+    }
+}
+
+// Row pointers of the np bit-planes of row r: b0, b1, plane 3, ...
+inline void row_planes(const MwqMat& m, int bits, int64_t r, const uint8_t** pl) {
+    const int64_t rb = m.in / 8;
+    pl[0] = m.base + r * 2 * rb;
+    pl[1] = pl[0] + rb;
+    for (int i = 3; i <= bits; ++i) pl[i - 1] = m.planes[i - 3] + r * rb;
+}
+
+
+// Activations of T tokens quantized to int16 per weight group (for the few-token kernel).
+struct QuantX {
+    const int16_t* x16;  // [T, in]
+    const float* sx;     // [T, G] scale: x ~= x16 * sx
+    const float* xs;     // [T, G] exact float sum of x over the group
+};
+
+using RowDotI16 = void (*)(const MwqMat&, int64_t, const float*, const float*, const QuantX&, float*, int64_t);
+
+// |x16| <= qmax: 16383 when two columns are summed in int16 (masked kernel), 32767 otherwise (GFNI kernel).
+void quantize_tokens(const float* x, int64_t T, int64_t in, int64_t gs, float qmax, int16_t* x16, float* sx,
+                     float* xs) {
+    const int64_t G = in / gs;
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t g = 0; g < G; ++g) {
+            const float* xg = x + t * in + g * gs;
+            int16_t* qg = x16 + t * in + g * gs;
+            float amax = 0.f, sum = 0.f;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+            if (gs % 16 == 0) {
+                __m512 vmax = _mm512_setzero_ps(), vsum = _mm512_setzero_ps();
+                for (int64_t j = 0; j < gs; j += 16) {
+                    const __m512 v = _mm512_loadu_ps(xg + j);
+                    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+                    vsum = _mm512_add_ps(vsum, v);
+                }
+                amax = _mm512_reduce_max_ps(vmax);
+                sum = _mm512_reduce_add_ps(vsum);
+                const __m512 inv = _mm512_set1_ps(amax > 0.f ? qmax / amax : 0.f);
+                for (int64_t j = 0; j < gs; j += 16) {  // round to nearest (MXCSR default), |q| <= qmax
+                    const __m512i q32 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + j), inv));
+                    _mm256_storeu_si256((__m256i*)(qg + j), _mm512_cvtepi32_epi16(q32));
+                }
+            } else
+#endif
+            {
+                for (int64_t j = 0; j < gs; ++j) {
+                    amax = std::fmax(amax, std::fabs(xg[j]));
+                    sum += xg[j];
+                }
+                const float inv = amax > 0.f ? qmax / amax : 0.f;
+                for (int64_t j = 0; j < gs; ++j) qg[j] = (int16_t)std::nearbyint(xg[j] * inv);
+            }
+            sx[t * G + g] = amax > 0.f ? amax / qmax : 0.f;
+            xs[t * G + g] = sum;
+        }
+}
+
+}  // namespace

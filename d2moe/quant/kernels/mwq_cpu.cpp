@@ -1,0 +1,226 @@
+// MWQ CPU kernels: products with nested (2-bit base + sign planes) weights straight from packed bytes.
+//
+// Layout (see d2moe/quant/pack.py): per matrix [out, in], G = in / group_size groups per row
+//   offset z, base scale s2: fp16 [out, G]; base: uint8 [out, 2, in/8] (bit-planes 0 and 1 of the 2-bit
+//   code); plane i = 3..bits: uint8 [out, in/8], scale fp16 [out, G] (residual) or s2 / 2^(i-1) (msb).
+//   Bit t of byte k of a row is column 8k + t, so 16 (32) columns are one uint16 (uint32) lane mask.
+//
+// With sigma = 2*bit - 1 the weight is  W = z' + s2*b0 + 2*s2*b1 + sum_i 2*s_i*bit_i,  z' = z - sum_i s_i.
+// Kernels, all reading only the packed bytes (chosen per matrix and token count by int16_kind):
+//  * msb, 1..16 tokens, `row_dot_gfni`: 8x8 bit transposes (VBMI + GFNI) rebuild the 8-bit msb code of
+//    64 columns from the planes; two VNNI int16 multiply-adds per 64 columns and token. Nearly width-
+//    independent cost (~20 G weights/s per core at 8 bits, ~3x the float kernel).
+//  * residual, 1..3 tokens, `row_dot_i16`: per plane one masked int16 add per 32 columns, int32 -> float,
+//    times the plane's scale (~2x the float kernel).
+//    Both quantize activations to int16 per token and weight group (msb: 15 bits, residual: 14 bits), which
+//    adds ~1e-4 relative error per matrix (exact=1 turns them off).
+//  * otherwise `row_dot`: each 16-column chunk is decoded in registers by one masked float add per plane
+//    and used for a tile of up to 8 tokens.
+//  * prefill: `mwq_decode` writes float32 rows for a BLAS GEMM.
+// mwq_expert_ffn runs the whole SwiGLU expert in one parallel region (gate/up rows, then down rows).
+// Threads: OpenMP over output rows (the process's libgomp, shared with torch).
+// The AVX-512 kernels need group_size % 16 == 0 (masked int16: % 32, GFNI: % 64); the portable path % 8.
+//
+// Files: mwq_common.h (view, coefficients, int16 activations), mwq_float.h (float kernels), mwq_int16.h
+// (int16 kernels), this file (dispatch, threading, C API).
+
+#include "mwq_common.h"
+#include "mwq_float.h"
+#include "mwq_int16.h"
+
+namespace {
+
+using RowDot = void (*)(const MwqMat&, int64_t, const float*, const float*, const float*, int64_t, float*, int64_t);
+using RowDecode = void (*)(const MwqMat&, int64_t, const float*, const float*, float*);
+
+template <int NP>
+RowDot pick_dot(int tt) {
+    switch (tt) {
+        case 8: return row_dot<NP, 8>;
+        case 4: return row_dot<NP, 4>;
+        case 3: return row_dot<NP, 3>;
+        case 2: return row_dot<NP, 2>;
+        default: return row_dot<NP, 1>;
+    }
+}
+
+RowDot dot_for(int bits, int tt) {
+    switch (bits) {
+        case 2: return pick_dot<2>(tt);
+        case 3: return pick_dot<3>(tt);
+        case 4: return pick_dot<4>(tt);
+        case 5: return pick_dot<5>(tt);
+        case 6: return pick_dot<6>(tt);
+        case 7: return pick_dot<7>(tt);
+        default: return pick_dot<8>(tt);
+    }
+}
+
+RowDecode decode_for(int bits) {
+    switch (bits) {
+        case 2: return row_decode<2>;
+        case 3: return row_decode<3>;
+        case 4: return row_decode<4>;
+        case 5: return row_decode<5>;
+        case 6: return row_decode<6>;
+        case 7: return row_decode<7>;
+        default: return row_decode<8>;
+    }
+}
+
+bool supported(const MwqMat& m, int bits) {
+    if (bits < 2 || bits > 8 || m.group_size <= 0 || m.in % m.group_size) return false;
+    return m.group_size % (kAvx512 ? 16 : 8) == 0;
+}
+
+// Which kernel reads the rows for T tokens: 2 = GFNI msb codes, 1 = masked int16 sums (both on int16
+// activations), 0 = float register decode.
+inline bool is_msb(const MwqMat& m, int bits) { return bits == 2 || m.scales[0] == nullptr; }
+int int16_kind(const MwqMat& m, int bits, int64_t T) {
+    if (m.group_size > 1024) return 0;
+    if (T <= kGfniMaxTokens && m.group_size % 64 == 0 && is_msb(m, bits)) return 2;
+    if (T <= kI16MaxTokens && m.group_size % 32 == 0) return 1;
+    return 0;
+}
+
+// Activations quantized for the int16 kernels, owned buffers ([T, in] int16, [T, G] scales and sums).
+struct QuantBuffers {
+    std::vector<int16_t> x16;
+    std::vector<float> sx, xs;
+    QuantX view() const { return QuantX{x16.data(), sx.data(), xs.data()}; }
+    void fill(const float* x, int64_t T, int64_t in, int64_t gs, float qmax) {
+        x16.resize(T * in);
+        sx.resize(T * (in / gs));
+        xs.resize(T * (in / gs));
+        quantize_tokens(x, T, in, gs, qmax, x16.data(), sx.data(), xs.data());
+    }
+};
+
+// One matrix's rows for T tokens, in token tiles (8, 4, 3, 2, 1): int16 kernels when the activations were
+// quantized (qx given, see int16_kind), else register decode. Per-row coefficients computed once per row.
+struct RowWork {
+    const MwqMat& m;
+    int bits;
+    std::vector<float> zc, coef;
+    RowDot tiles[9] = {};       // float register decode, per tile size
+    RowDotI16 gfni[9] = {};     // msb GFNI kernel, per tile size
+    RowDotI16 masked[4] = {};   // masked int16 kernel, per token count 1..3
+    RowWork(const MwqMat& mat, int b)
+        : m(mat), bits(b), zc(mat.in / mat.group_size), coef(b * (mat.in / mat.group_size)) {
+        for (int tt : {8, 4, 3, 2, 1}) {
+            tiles[tt] = dot_for(bits, tt);
+            if (kGfniMaxTokens > 0) gfni[tt] = dot_gfni_for(bits, tt);
+        }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        for (int t = 1; t <= kI16MaxTokens; ++t)
+            masked[t] = dot_i16_for(bits, t, is_msb(m, bits), m.group_size % 64 == 0 ? 2 : 1);
+#endif
+    }
+    // y[t * ldy] = (W x_t)[r] for all T tokens
+    void dot(int64_t r, const float* x, int64_t ldx, int64_t T, float* y, int64_t ldy, const QuantX* qx) {
+        const int kind = qx != nullptr ? int16_kind(m, bits, T) : 0;
+        if (kind == 2) {
+            row_coefficients(m, bits, r, zc.data(), coef.data(), /*s2_only=*/true);
+            int64_t t = 0;
+            for (int tt : {8, 4, 3, 2, 1})
+                for (; T - t >= tt; t += tt) {
+                    const QuantX qt{qx->x16 + t * m.in, qx->sx + t * (m.in / m.group_size),
+                                    qx->xs + t * (m.in / m.group_size)};
+                    gfni[tt](m, r, zc.data(), coef.data(), qt, y + t * ldy, ldy);
+                }
+            return;
+        }
+        if (kind == 1) {
+            row_coefficients(m, bits, r, zc.data(), coef.data(), /*s2_only=*/true);
+            masked[T](m, r, zc.data(), coef.data(), *qx, y, ldy);
+            return;
+        }
+        row_coefficients(m, bits, r, zc.data(), coef.data());
+        int64_t t = 0;
+        for (int tt : {8, 4, 3, 2, 1})
+            for (; T - t >= tt; t += tt) tiles[tt](m, r, zc.data(), coef.data(), x + t * ldx, ldx, y + t * ldy, ldy);
+    }
+};
+
+// Quantized activations when an int16 kernel applies to this matrix and T, else null (float x is read).
+const QuantX* maybe_quantize(QuantBuffers& buf, QuantX& view, const MwqMat& m, int bits, const float* x,
+                             int64_t T) {
+    const int kind = int16_kind(m, bits, T);
+    if (kind == 0) return nullptr;
+    buf.fill(x, T, m.in, m.group_size, kind == 2 ? 32767.f : 16383.f);
+    view = buf.view();
+    return &view;
+}
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+}  // namespace
+
+extern "C" {
+
+int mwq_has_avx512() { return kAvx512 ? 1 : 0; }
+
+// y [T, out] = x [T, in] @ W_bits^T.  exact != 0: float activations throughout (no int16 few-token kernel).
+// Returns 0, or -1 if the shape is unsupported.
+int mwq_matmul(const MwqMat* m, int bits, const float* x, int64_t T, float* y, int exact, int nthreads) {
+    if (!supported(*m, bits)) return -1;
+    QuantBuffers qbuf;
+    QuantX qview;
+    const QuantX* qx = exact ? nullptr : maybe_quantize(qbuf, qview, *m, bits, x, T);
+#pragma omp parallel num_threads(nthreads)
+    {
+        RowWork work(*m, bits);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m->out; ++r) work.dot(r, x, m->in, T, y + r, m->out, qx);
+    }
+    return 0;
+}
+
+// W_bits as float32 [out, in] (for GEMM on large token counts).
+int mwq_decode(const MwqMat* m, int bits, float* w, int nthreads) {
+    if (!supported(*m, bits)) return -1;
+    const RowDecode decode = decode_for(bits);
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t G = m->in / m->group_size;
+        std::vector<float> zc(G), coef(bits * G);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m->out; ++r) {
+            row_coefficients(*m, bits, r, zc.data(), coef.data());
+            decode(*m, r, zc.data(), coef.data(), w + r * m->in);
+        }
+    }
+    return 0;
+}
+
+// SwiGLU expert in one parallel region: act = silu(x W1^T) * (x W3^T) [T, I]; y = act W2^T [T, H].
+// `act` is caller-provided scratch [T, I].
+int mwq_expert_ffn(const MwqMat* w1, const MwqMat* w3, const MwqMat* w2, int bits, const float* x, int64_t T,
+                   float* act, float* y, int exact, int nthreads) {
+    if (!supported(*w1, bits) || !supported(*w3, bits) || !supported(*w2, bits)) return -1;
+    const int64_t I = w1->out, H = w1->in;
+    if (w3->out != I || w3->in != H || w2->out != H || w2->in != I) return -2;
+    QuantBuffers qx_buf, qa_buf;
+    QuantX qx_view, qa_view;
+    const QuantX* qx = exact ? nullptr : maybe_quantize(qx_buf, qx_view, *w1, bits, x, T);
+    const QuantX* qa = nullptr;
+#pragma omp parallel num_threads(nthreads)
+    {
+        RowWork g1(*w1, bits), g3(*w3, bits), g2(*w2, bits);
+        std::vector<float> up(T);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < I; ++r) {
+            g1.dot(r, x, H, T, act + r, I, qx);
+            g3.dot(r, x, H, T, up.data(), 1, qx);
+            for (int64_t t = 0; t < T; ++t) act[t * I + r] = silu(act[t * I + r]) * up[t];
+        }  // implicit barrier: act complete
+#pragma omp single
+        qa = exact ? nullptr : maybe_quantize(qa_buf, qa_view, *w2, bits, act, T);
+        // implicit barrier: qa visible to all threads
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < H; ++r) g2.dot(r, act, I, T, y + r, H, qa);
+    }
+    return 0;
+}
+
+}  // extern "C"

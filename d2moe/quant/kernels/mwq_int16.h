@@ -1,0 +1,233 @@
+// Few-token kernels on int16 activations (AVX-512BW): masked int16 plane sums (any method) and GFNI
+// bit-transposes back to msb integer codes. Without AVX-512 both are absent (kI16MaxTokens = 0).
+#pragma once
+
+#include "mwq_float.h"
+
+namespace {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// ---- few tokens: accumulate int16 activations per plane (32 lanes per op) ------------------------------
+// x is quantized per token and per weight group: x16 = round(x / sx_g), |x16| <= 16383, so a masked sum of
+// two 32-column chunks still fits int16. Per plane the masked sums are scaled once per group:
+//   msb: planes are powers of two of s2 -> integer multiply-add (VNNI) into one int32 accumulator;
+//   residual: per plane int32 -> float, times the plane coefficient.
+// The constant part sum_g z'_g * sum(x_g) is taken in float from the unquantized x.
+
+inline __mmask32 load_mask32(const uint8_t* p) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return (__mmask32)v;
+}
+
+inline __m512i dot_acc(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+template <int NP, int TT, bool MSB, int UC>
+void row_dot_i16(const MwqMat& m, int64_t r, const float* zc, const float* coef, const QuantX& q, float* y,
+                 int64_t ldy) {
+    const int64_t G = m.in / m.group_size, upg = m.group_size / (32 * UC);
+    const uint8_t* pl[8];
+    row_planes(m, NP, r, pl);
+    __m512i mult[NP];
+    for (int p = 0; p < NP; ++p) {  // plane coefficient / lowest plane's: b0 2^(NP-2), b1 2^(NP-1), i 2^(NP-i)
+        const int shift = p == 0 ? NP - 2 : (p == 1 ? NP - 1 : NP - 1 - p);
+        mult[p] = _mm512_set1_epi16((int16_t)(1 << shift));
+    }
+    const __m512i ones = _mm512_set1_epi16(1);
+    const float msb_unit = std::ldexp(1.f, 2 - NP);  // coefficient of the lowest plane / s2
+    __m512 out[TT];
+    float cst[TT];
+    for (int t = 0; t < TT; ++t) {
+        out[t] = _mm512_setzero_ps();
+        cst[t] = 0.f;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        __m512i acc[TT];
+        __m512 v[TT];
+        for (int t = 0; t < TT; ++t) {
+            cst[t] += zc[g] * q.xs[t * G + g];
+            acc[t] = _mm512_setzero_si512();
+            v[t] = _mm512_setzero_ps();
+        }
+        for (int64_t u = 0; u < upg; ++u) {
+            const int64_t col = (g * upg + u) * 32 * UC;
+            __m512i xc[TT][UC];
+            for (int t = 0; t < TT; ++t)
+                for (int c = 0; c < UC; ++c) xc[t][c] = _mm512_loadu_si512(q.x16 + t * m.in + col + 32 * c);
+            for (int p = 0; p < NP; ++p) {
+                const __mmask32 k0 = load_mask32(pl[p] + col / 8);
+                const __mmask32 k1 = UC == 2 ? load_mask32(pl[p] + col / 8 + 4) : 0;
+                for (int t = 0; t < TT; ++t) {
+                    __m512i a = _mm512_maskz_mov_epi16(k0, xc[t][0]);
+                    if (UC == 2) a = _mm512_mask_add_epi16(a, k1, a, xc[t][UC - 1]);
+                    if (MSB) {
+                        acc[t] = dot_acc(acc[t], a, mult[p]);
+                    } else {
+                        const __m512 f = _mm512_cvtepi32_ps(_mm512_madd_epi16(a, ones));
+                        v[t] = _mm512_fmadd_ps(f, _mm512_set1_ps(coef[p * G + g]), v[t]);
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < TT; ++t) {
+            const float sx = q.sx[t * G + g];
+            if (MSB)
+                out[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(coef[g] * msb_unit * sx), out[t]);
+            else
+                out[t] = _mm512_fmadd_ps(v[t], _mm512_set1_ps(sx), out[t]);
+        }
+    }
+    for (int t = 0; t < TT; ++t) y[t * ldy] = hsum(out[t]) + cst[t];
+}
+
+template <int NP, bool MSB, int UC>
+RowDotI16 pick_i16_t(int tt) {
+    switch (tt) {
+        case 3: return row_dot_i16<NP, 3, MSB, UC>;
+        case 2: return row_dot_i16<NP, 2, MSB, UC>;
+        default: return row_dot_i16<NP, 1, MSB, UC>;
+    }
+}
+
+template <int NP>
+RowDotI16 pick_i16(int tt, bool msb, int uc) {
+    if (msb) return uc == 2 ? pick_i16_t<NP, true, 2>(tt) : pick_i16_t<NP, true, 1>(tt);
+    return uc == 2 ? pick_i16_t<NP, false, 2>(tt) : pick_i16_t<NP, false, 1>(tt);
+}
+
+RowDotI16 dot_i16_for(int bits, int tt, bool msb, int uc) {
+    switch (bits) {
+        case 2: return pick_i16<2>(tt, msb, uc);
+        case 3: return pick_i16<3>(tt, msb, uc);
+        case 4: return pick_i16<4>(tt, msb, uc);
+        case 5: return pick_i16<5>(tt, msb, uc);
+        case 6: return pick_i16<6>(tt, msb, uc);
+        case 7: return pick_i16<7>(tt, msb, uc);
+        default: return pick_i16<8>(tt, msb, uc);
+    }
+}
+constexpr int kI16MaxTokens = 3;
+
+// ---- msb, up to 16 tokens: 8x8 bit transposes (GFNI) turn the planes back into integer codes ------------
+// For 64 columns, the 8-byte words of the (up to 8) planes, most significant first (b1, b0, plane 3, ...),
+// are byte-transposed (VBMI permute) and bit-transposed (GF2P8AFFINEQB) into one byte per column: the msb
+// code c_b * 2^(8 - bits). With W = z' + (s2 / 64) * code, a row is sum_g [z'_g sum(x_g) +
+// (s2_g / 64) sx_g sum_j code_j x16_j]: two VNNI multiply-adds per 64 columns and token, whatever the width.
+#if defined(__GFNI__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
+constexpr int kGfniMaxTokens = 16;
+
+struct GfniTables {
+    alignas(64) uint8_t perm[64];  // qword k <- byte k of every plane word
+    alignas(64) uint8_t sel[64];   // byte (k, j) = 1 << j: picks column j's bit out of each plane byte
+};
+constexpr GfniTables make_gfni_tables() {
+    GfniTables t{};
+    for (int k = 0; k < 8; ++k)
+        for (int p = 0; p < 8; ++p) {
+            t.perm[k * 8 + p] = (uint8_t)(p * 8 + k);
+            t.sel[k * 8 + p] = (uint8_t)(1 << p);
+        }
+    return t;
+}
+constexpr GfniTables kGfniTables = make_gfni_tables();
+
+inline int64_t load64(const uint8_t* p) {
+    int64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+
+// Codes of 64 columns starting at byte `byte` of each plane row (NP planes; missing planes read as 0).
+template <int NP>
+inline __m512i msb_codes64(const uint8_t* const* pl, int64_t byte) {
+    auto word = [&](int k) -> int64_t {  // k-th most significant plane: b1, b0, plane 3, ...
+        if (k >= NP) return 0;
+        return load64((k == 0 ? pl[1] : k == 1 ? pl[0] : pl[k]) + byte);
+    };
+    __m512i v = _mm512_castsi128_si512(_mm_set_epi64x(word(1), word(0)));
+    v = _mm512_inserti64x2(v, _mm_set_epi64x(word(3), word(2)), 1);
+    v = _mm512_inserti64x2(v, _mm_set_epi64x(word(5), word(4)), 2);
+    v = _mm512_inserti64x2(v, _mm_set_epi64x(word(7), word(6)), 3);
+    const __m512i t = _mm512_permutexvar_epi8(_mm512_load_si512(kGfniTables.perm), v);
+    return _mm512_gf2p8affine_epi64_epi8(_mm512_load_si512(kGfniTables.sel), t, 0);
+}
+
+// sum_g a[g] * b[g] over G floats, as a 16-lane vector (to be summed with the row's other lanes)
+inline __m512 dot_lanes(const float* a, const float* b, int64_t G) {
+    __m512 c = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+        const __mmask16 k = G - g0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g0)) - 1);
+        c = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + g0), _mm512_maskz_loadu_ps(k, b + g0), c);
+    }
+    return c;
+}
+
+template <int NP, int TT>
+void row_dot_gfni(const MwqMat& m, int64_t r, const float* zc, const float* s2, const QuantX& q, float* y,
+                  int64_t ldy) {
+    const int64_t G = m.in / m.group_size, upg = m.group_size / 64;
+    const uint8_t* pl[8];
+    row_planes(m, NP, r, pl);
+    __m512 out[TT];
+    for (int t = 0; t < TT; ++t) out[t] = _mm512_setzero_ps();
+    int64_t col = 0;
+    for (int64_t g = 0; g < G; ++g) {
+        __m512i acc[TT];
+        for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_si512();
+        for (int64_t u = 0; u < upg; ++u, col += 64) {
+            const __m512i codes = msb_codes64<NP>(pl, col / 8);
+            const __m512i lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes));
+            const __m512i hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1));
+            for (int t = 0; t < TT; ++t) {
+                const int16_t* xt = q.x16 + t * m.in + col;
+                acc[t] = _mm512_dpwssd_epi32(acc[t], lo, _mm512_loadu_si512(xt));
+                acc[t] = _mm512_dpwssd_epi32(acc[t], hi, _mm512_loadu_si512(xt + 32));
+            }
+        }
+        const float unit = s2[g] * (1.f / 64.f);
+        for (int t = 0; t < TT; ++t)
+            out[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(unit * q.sx[t * G + g]), out[t]);
+    }
+    for (int t = 0; t < TT; ++t)  // + sum_g z'_g * sum(x_g)
+        y[t * ldy] = hsum(_mm512_add_ps(out[t], dot_lanes(zc, q.xs + t * G, G)));
+}
+
+template <int NP>
+RowDotI16 pick_gfni(int tt) {
+    switch (tt) {
+        case 8: return row_dot_gfni<NP, 8>;
+        case 4: return row_dot_gfni<NP, 4>;
+        case 3: return row_dot_gfni<NP, 3>;
+        case 2: return row_dot_gfni<NP, 2>;
+        default: return row_dot_gfni<NP, 1>;
+    }
+}
+
+RowDotI16 dot_gfni_for(int bits, int tt) {
+    switch (bits) {
+        case 2: return pick_gfni<2>(tt);
+        case 3: return pick_gfni<3>(tt);
+        case 4: return pick_gfni<4>(tt);
+        case 5: return pick_gfni<5>(tt);
+        case 6: return pick_gfni<6>(tt);
+        case 7: return pick_gfni<7>(tt);
+        default: return pick_gfni<8>(tt);
+    }
+}
+#else
+constexpr int kGfniMaxTokens = 0;
+RowDotI16 dot_gfni_for(int, int) { return nullptr; }
+#endif
+#else
+constexpr int kI16MaxTokens = 0;
+constexpr int kGfniMaxTokens = 0;
+RowDotI16 dot_gfni_for(int, int) { return nullptr; }
+#endif
+
+}  // namespace

@@ -1,0 +1,258 @@
+"""Byte layout of one expert blob: slices ordered by significance, so the b-bit expert is a prefix.
+
+    blob = slice 2 | slice 3 | ... | slice max_bits
+    slice 2 = for each matrix (layout order):  offset z  fp16 [out, G]
+                                               base scale s2 fp16 [out, G]
+                                               base codes uint8 [out, 2, in/8]
+    slice i = for each matrix:                 plane scale s_i fp16 [out, G]   (residual only; msb derives
+                                                                                s_i = s2 / 2^(i-1))
+                                               plane i bits uint8 [out, in/8]
+
+Every array starts on a multiple of ALIGN bytes (zero padding), so fp16 arrays are aligned views and each
+row of bits can be loaded as whole words. Bits are little-endian: bit t of byte k (of a row) belongs to
+column 8k + t, so 16 consecutive columns are one little-endian uint16, directly an AVX-512 lane mask.
+The 2-bit base (2 bits per weight, the density of "4 codes per byte") is stored as its two bit-planes per
+row: the first in/8 bytes of a row hold bit 0 of every code, the next in/8 bytes bit 1. The kernel then
+treats base and sign planes alike (one mask per 16 columns per plane).
+
+Sizes: slice 2 of a matrix = 2 * pad(out*G*2) + pad(out*in/4); slice i = pad(out*in/8) (+ pad(out*G*2)).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from d2moe.config import MWQConfig
+from d2moe.quant.mwq import NestedWeight, check_bits
+
+ALIGN = 64  # bytes; every array of a blob starts on a multiple (a cache line)
+Buffer = Union[bytes, bytearray, memoryview, Tensor, "mmap.mmap"]  # noqa: F821
+
+
+def _pad(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    """Zero-copy views of one matrix's arrays inside a blob prefix (float16 / uint8)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    group_size: int
+    method: str
+    bits: int  # widest width these views hold
+    offset: Tensor  # [out, G] fp16
+    base_scale: Tensor  # [out, G] fp16
+    base: Tensor  # [out, 2, in/8] uint8: bit-planes 0 and 1 of the 2-bit code
+    plane_scales: tuple[Tensor, ...]  # residual: [out, G] fp16 for planes 3..bits; msb: ()
+    planes: tuple[Tensor, ...]  # [out, in/8] uint8 for planes 3..bits
+
+    def __post_init__(self) -> None:
+        out, n_in, n_g = self.out_features, self.in_features, self.in_features // self.group_size
+        want = [(self.offset, torch.float16, (out, n_g)), (self.base_scale, torch.float16, (out, n_g))]
+        want.append((self.base, torch.uint8, (out, 2, n_in // 8)))
+        want += [(t, torch.float16, (out, n_g)) for t in self.plane_scales]
+        want += [(t, torch.uint8, (out, n_in // 8)) for t in self.planes]
+        for t, dtype, shape in want:
+            if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+                got = f"{t.dtype} {tuple(t.shape)}"
+                raise ValueError(f"{self.name}: expected a contiguous CPU {dtype} {shape} view, got {got}")
+        n_planes = self.bits - 2
+        if len(self.planes) != n_planes or len(self.plane_scales) != (n_planes if self.method == "residual" else 0):
+            raise ValueError(f"{self.name}: {self.bits}-bit {self.method} views need {n_planes} planes")
+
+    @cached_property
+    def data_ptrs(self) -> tuple[int, ...]:
+        """Addresses (offset, base_scale, base, plane scales..., planes...) for kernels; computed once."""
+        return tuple(t.data_ptr() for t in (self.offset, self.base_scale, self.base, *self.plane_scales, *self.planes))
+
+    def plane_scale(self, i: int) -> Tensor:
+        """Float32 scale s_i [out, G] of plane i (derived by halving for msb)."""
+        if self.method == "msb":
+            return self.base_scale.float() * 2.0 ** (1 - i)
+        return self.plane_scales[i - 3].float()
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where every array of an expert's matrices lives in its blob."""
+
+    shapes: tuple[tuple[str, int, int], ...]  # (name, out, in) in blob order
+    cfg: MWQConfig
+
+    def __post_init__(self) -> None:
+        names = [s[0] for s in self.shapes]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"matrix names must be unique and non-empty: {names}")
+        for name, out, n_in in self.shapes:
+            if out <= 0 or n_in <= 0 or n_in % self.cfg.group_size:
+                raise ValueError(f"{name}: shape ({out}, {n_in}) must be positive with in % {self.cfg.group_size} == 0")
+
+    @classmethod
+    def swiglu(cls, hidden: int, intermediate: int, cfg: MWQConfig) -> ExpertLayout:
+        """The canonical expert: w1 gate [I, H], w3 up [I, H], w2 down [H, I]."""
+        return cls((("w1", intermediate, hidden), ("w3", intermediate, hidden), ("w2", hidden, intermediate)), cfg)
+
+    @cached_property
+    def _table(self) -> dict[tuple[int, str], dict[str, int]]:
+        """(bits, name) -> {array: byte offset} for the arrays slice `bits` adds, plus slice starts."""
+        table: dict[tuple[int, str], dict[str, int]] = {}
+        pos = 0
+        for bits in range(2, self.cfg.max_bits + 1):
+            for name, out, n_in in self.shapes:
+                scal = _pad(out * (n_in // self.cfg.group_size) * 2)
+                entry: dict[str, int] = {}
+                if bits == 2:
+                    entry["offset"], entry["base_scale"], entry["base"] = pos, pos + scal, pos + 2 * scal
+                    pos += 2 * scal + _pad(out * n_in // 4)
+                else:
+                    if self.cfg.method == "residual":
+                        entry["scale"] = pos
+                        pos += scal
+                    entry["bits"] = pos
+                    pos += _pad(out * n_in // 8)
+                table[(bits, name)] = entry
+            table[(bits, "")] = {"end": pos}
+        return table
+
+    def array_offsets(self, bits: int, name: str) -> dict[str, int]:
+        """Byte offsets of the arrays slice `bits` holds for matrix `name`: offset/base_scale/base (slice 2),
+        scale (residual) and bits (slices 3..)."""
+        check_bits(bits, self.cfg.max_bits)
+        return dict(self._table[(bits, name)])
+
+    def prefix_bytes(self, bits: int) -> int:
+        """Bytes of slices 2..bits: what a `bits`-wide expert reads and caches."""
+        check_bits(bits, self.cfg.max_bits)
+        return self._table[(bits, "")]["end"]
+
+    def slice_bytes(self, bits: int) -> int:
+        """Bytes of slice `bits` alone: what upgrading from bits-1 to bits reads."""
+        return self.prefix_bytes(bits) - (self.prefix_bytes(bits - 1) if bits > 2 else 0)
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+
+def pack_bits(b: Tensor) -> Tensor:
+    """bool [out, in] -> uint8 [out, in/8], column 8k + t at bit t of byte k."""
+    out, n_in = b.shape
+    weights = 1 << torch.arange(8, dtype=torch.int32)
+    return (b.reshape(out, n_in // 8, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor) -> Tensor:
+    """uint8 [..., n/8] -> bool [..., n], inverse of pack_bits."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((packed[..., None] >> shifts) & 1).bool().reshape(*packed.shape[:-1], packed.shape[-1] * 8)
+
+
+def _fp16_bytes(t: Tensor) -> bytes:
+    return t.to(torch.float16).numpy().tobytes()  # C order, whatever the strides
+
+
+def _padded(chunks: list[bytes]) -> bytes:
+    return b"".join(c + bytes(_pad(len(c)) - len(c)) for c in chunks)
+
+
+def pack_slice(layout: ExpertLayout, weights: dict[str, NestedWeight], bits: int) -> bytes:
+    """The bytes of slice `bits` (2..max_bits) of the expert's blob."""
+    check_bits(bits, layout.cfg.max_bits)
+    chunks: list[bytes] = []
+    for name, out, n_in in layout.shapes:
+        q = weights[name]
+        if q.shape != (out, n_in) or q.group_size != layout.cfg.group_size or q.max_bits < layout.cfg.max_bits:
+            raise ValueError(f"{name}: quantized {q.shape} g{q.group_size} {q.max_bits}b does not fit the layout")
+        if bits == 2:
+            base = torch.stack([pack_bits((q.base & 1).bool()), pack_bits((q.base >> 1).bool())], dim=1)
+            chunks += [_fp16_bytes(q.offset), _fp16_bytes(q.base_scale), base.numpy().tobytes()]
+        else:
+            if layout.cfg.method == "residual":
+                chunks.append(_fp16_bytes(q.plane_scales[bits - 3]))
+            chunks.append(pack_bits(q.planes[bits - 3]).numpy().tobytes())
+    data = _padded(chunks)
+    assert len(data) == layout.slice_bytes(bits)
+    return data
+
+
+def pack_expert(layout: ExpertLayout, weights: dict[str, NestedWeight]) -> bytes:
+    """The full blob (all slices); its first prefix_bytes(b) bytes are the b-bit expert."""
+    return b"".join(pack_slice(layout, weights, b) for b in layout.cfg.widths)
+
+
+# --------------------------------------------------------------------------------------------- unpacking
+
+
+def as_uint8(buf: Buffer) -> Tensor:
+    """A flat uint8 tensor sharing memory with `buf` (read-only buffers are shared too, never written)."""
+    if isinstance(buf, Tensor):
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+            raise ValueError("a tensor buffer must be a contiguous 1-D uint8 tensor")
+        return buf
+    with warnings.catch_warnings():  # read-only bytes/mmap: we only ever read the views
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=torch.uint8)
+
+
+def unpack_expert(layout: ExpertLayout, buf: Buffer, bits: int) -> dict[str, PackedMatrix]:
+    """Views of the `bits`-wide expert inside `buf` (length >= prefix_bytes(bits)); no copy."""
+    need = layout.prefix_bytes(bits)
+    raw = as_uint8(buf)
+    if raw.numel() < need:
+        raise ValueError(f"buffer holds {raw.numel()} bytes, a {bits}-bit expert needs {need}")
+    if raw.storage_offset() % 2:
+        raise ValueError("buffer must start on an even byte (float16 views); store blobs are 4 KiB aligned")
+    gs = layout.cfg.group_size
+    out_m: dict[str, PackedMatrix] = {}
+    for name, out, n_in in layout.shapes:
+        n_g = n_in // gs
+
+        def fp16(at: int, out: int = out, n_g: int = n_g) -> Tensor:
+            return raw[at : at + out * n_g * 2].view(torch.float16).view(out, n_g)
+
+        first = layout._table[(2, name)]
+        scales: list[Tensor] = []
+        planes: list[Tensor] = []
+        for b in range(3, bits + 1):
+            e = layout._table[(b, name)]
+            if "scale" in e:
+                scales.append(fp16(e["scale"]))
+            planes.append(raw[e["bits"] : e["bits"] + out * n_in // 8].view(out, n_in // 8))
+        out_m[name] = PackedMatrix(
+            name=name,
+            out_features=out,
+            in_features=n_in,
+            group_size=gs,
+            method=layout.cfg.method,
+            bits=bits,
+            offset=fp16(first["offset"]),
+            base_scale=fp16(first["base_scale"]),
+            base=raw[first["base"] : first["base"] + out * n_in // 4].view(out, 2, n_in // 8),
+            plane_scales=tuple(scales),
+            planes=tuple(planes),
+        )
+    return out_m
+
+
+def dequantize_packed(pm: PackedMatrix, bits: int) -> Tensor:
+    """Reference reconstruction from packed views, float32 [out, in]; equals mwq.dequantize(q, bits)."""
+    check_bits(bits, pm.bits)
+    out, n_in, gs = pm.out_features, pm.in_features, pm.group_size
+
+    def expand(t: Tensor) -> Tensor:  # [out, G] -> [out, in]
+        return t.float()[:, :, None].expand(out, n_in // gs, gs).reshape(out, n_in)
+
+    code = unpack_bits(pm.base).to(torch.float32)  # [out, 2, in]
+    w = expand(pm.offset) + expand(pm.base_scale) * (code[:, 0] + 2 * code[:, 1])
+    for i in range(3, bits + 1):
+        sigma = unpack_bits(pm.planes[i - 3]).to(torch.float32) * 2 - 1
+        w = w + expand(pm.plane_scale(i)) * sigma
+    return w

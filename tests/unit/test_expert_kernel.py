@@ -1,0 +1,152 @@
+"""Fast CPU expert path vs its reference (dequantize + F.linear), on packed bytes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2moe.config import MWQConfig
+from d2moe.quant.kernels import CpuKernel, expert_ffn, expert_ffn_reference, load_kernel
+from d2moe.quant.kernels import build as kbuild
+from d2moe.quant.kernels.cpu import SMALL_T
+from d2moe.quant.mwq import quantize
+from d2moe.quant.pack import ExpertLayout, PackedMatrix, dequantize_packed, pack_expert, unpack_expert
+
+# ||fast - ref|| / ||ref||: float paths differ by summation order only; the few-token kernels quantize
+# activations to int16 per group (~1e-4 per matrix, ~4e-4 per expert, ~1e-3 with 100x outliers).
+TOL_FLOAT = 2e-6
+TOL_INT16 = 2e-3
+SHAPES = [(576, 192, 64), (80, 48, 16), (96, 160, 32), (128, 256, 128), (40, 24, 8)]  # (H, I, group_size)
+
+
+@pytest.fixture(scope="module")
+def kernel() -> CpuKernel:
+    k = load_kernel()
+    if k is None:
+        pytest.skip("no C++ compiler: the torch path is the only path")
+    return k
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    """Small experts: one thread is faster and immune to other jobs holding a core (2 threads tested apart)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _packed(h: int, i: int, gs: int, method: str, seed: int = 0) -> tuple[ExpertLayout, bytes]:
+    layout = ExpertLayout.swiglu(h, i, MWQConfig(group_size=gs, method=method))
+    g = torch.Generator().manual_seed(seed)
+    weights = {n: quantize(torch.randn(o, c, generator=g) * 0.05, layout.cfg) for n, o, c in layout.shapes}
+    return layout, pack_expert(layout, weights)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"H{s[0]}-I{s[1]}-g{s[2]}")
+@pytest.mark.parametrize("method", ["msb", "residual"])
+def test_fast_matches_reference(kernel: CpuKernel, shape: tuple[int, int, int], method: str) -> None:
+    h, i, gs = shape
+    layout, blob = _packed(h, i, gs, method)
+    g = torch.Generator().manual_seed(1)
+    for bits in range(2, 9):
+        packed = unpack_expert(layout, blob, bits)
+        for t in (1, 3, 12, 64):
+            x = torch.randn(t, h, generator=g)
+            ref = expert_ffn_reference(x, packed, bits)
+            tol = TOL_INT16 if t <= SMALL_T else TOL_FLOAT  # int16 activations only on the few-token path
+            assert _rel(expert_ffn(x, packed, bits, kernel), ref) < tol, (bits, t)
+            assert _rel(expert_ffn(x, packed, bits, kernel, exact=True), ref) < TOL_FLOAT, (bits, t)
+
+
+@pytest.mark.parametrize("method", ["msb", "residual"])
+def test_every_token_tile_and_outliers(kernel: CpuKernel, method: str) -> None:
+    """T = 1..17 walks the int16 kernels and every token tile (8, 4, 3, 2, 1); x has a 100x outlier."""
+    layout, blob = _packed(256, 128, 64, method, seed=3)
+    packed = unpack_expert(layout, blob, 5)
+    g = torch.Generator().manual_seed(2)
+    for t in range(1, 18):
+        x = torch.randn(t, 256, generator=g)
+        x[:, 17] *= 100
+        ref = expert_ffn_reference(x, packed, 5)
+        assert _rel(expert_ffn(x, packed, 5, kernel), ref) < TOL_INT16, t
+        assert _rel(expert_ffn(x, packed, 5, kernel, exact=True), ref) < TOL_FLOAT, t
+        w = dequantize_packed(packed["w1"], 5)
+        assert _rel(kernel.matmul(x, packed["w1"], 5), F.linear(x, w)) < TOL_INT16
+        assert _rel(kernel.matmul(x, packed["w1"], 5, exact=True), F.linear(x, w)) < TOL_FLOAT
+
+
+def test_decode_equals_dequantize(kernel: CpuKernel) -> None:
+    for method in ("msb", "residual"):
+        layout, blob = _packed(96, 160, 32, method)
+        for bits in (2, 5, 8):
+            pm = unpack_expert(layout, blob, bits)["w2"]
+            torch.testing.assert_close(kernel.decode(pm, bits), dequantize_packed(pm, bits), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["msb", "residual"])
+def test_two_threads_and_prefill(kernel: CpuKernel, method: str) -> None:
+    """The OpenMP split (gate/up rows, barrier, down rows) and the decode + GEMM path for long prompts."""
+    layout, blob = _packed(576, 192, 64, method)
+    packed = unpack_expert(layout, blob, 4)
+    for t in (1, 2, 9, 100):
+        x = torch.randn(t, 576)
+        ref = expert_ffn_reference(x, packed, 4)
+        torch.set_num_threads(2)
+        fast = expert_ffn(x, packed, 4, kernel)
+        torch.set_num_threads(1)
+        assert _rel(fast, ref) < (TOL_INT16 if t <= SMALL_T else TOL_FLOAT)
+
+
+def test_portable_build_matches_reference(tmp_path: Path) -> None:
+    """The non-AVX-512 kernel (what an AVX2-only machine compiles) is correct too, group sizes % 8."""
+    k = load_kernel(march="x86-64-v3")
+    if k is None:
+        pytest.skip("no C++ compiler")
+    assert not k.avx512
+    for h, i, gs in ((40, 24, 8), (96, 160, 32)):
+        layout, blob = _packed(h, i, gs, "residual")
+        packed = unpack_expert(layout, blob, 6)
+        for t in (1, 5, 20):
+            x = torch.randn(t, h)
+            assert _rel(expert_ffn(x, packed, 6, k), expert_ffn_reference(x, packed, 6)) < TOL_FLOAT
+
+
+def test_build_is_cached_and_failure_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    lib = kbuild.build()
+    mtime = lib.stat().st_mtime_ns
+    assert kbuild.build() == lib and lib.stat().st_mtime_ns == mtime
+    monkeypatch.setattr(kbuild, "_compiler", lambda: str(tmp_path / "no-such-g++"))
+    with caplog.at_level(logging.WARNING):
+        assert load_kernel(tmp_path / "cache") is None
+    assert "torch path" in caplog.text
+    # without a kernel, expert_ffn is the reference
+    layout, blob = _packed(80, 48, 16, "msb")
+    packed = unpack_expert(layout, blob, 3)
+    x = torch.randn(2, 80)
+    monkeypatch.setattr("d2moe.quant.kernels.cpu.load_kernel", lambda *a, **k: None)
+    assert torch.equal(expert_ffn(x, packed, 3), expert_ffn_reference(x, packed, 3))
+
+
+def test_invalid_calls(kernel: CpuKernel) -> None:
+    layout, blob = _packed(80, 48, 16, "msb")
+    packed = unpack_expert(layout, blob, 3)
+    with pytest.raises(ValueError, match="float32"):
+        expert_ffn(torch.randn(2, 80, dtype=torch.float64), packed, 3, kernel)
+    with pytest.raises(ValueError, match="bits"):
+        expert_ffn(torch.randn(2, 80), packed, 4, kernel)
+    with pytest.raises(ValueError, match="80"):
+        expert_ffn(torch.randn(2, 64), packed, 3, kernel)
+    with pytest.raises(ValueError, match="80"):
+        kernel.matmul(torch.randn(2, 64), packed["w1"], 3)
+    swapped: dict[str, PackedMatrix] = {"w1": packed["w2"], "w3": packed["w3"], "w2": packed["w1"]}
+    with pytest.raises(ValueError, match="w2"):
+        expert_ffn(torch.randn(2, 80), swapped, 3, kernel)
