@@ -1,0 +1,91 @@
+"""Serves experts from a store through the compressed-byte cache, with synchronous reads.
+
+Resident experts are yielded first, then missing ones are read (an upgrade reads only the missing planes).
+The pipelined HEBF loader replaces the synchronous part later behind the same `experts()` interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from d2moe.cache.expert_cache import BudgetError, Entry, ExpertCache
+from d2moe.models.expert_provider import ExpertFn
+from d2moe.quant.kernels import expert_ffn, load_kernel
+from d2moe.quant.pack import ExpertLayout, unpack_expert
+from d2moe.storage.reader import StoreReader
+
+
+class StoreExpertProvider:
+    def __init__(self, reader: StoreReader, cache: ExpertCache) -> None:
+        self.reader = reader
+        self.cache = cache
+        cfg = reader.config
+        self.layout = ExpertLayout(cfg.expert_shapes, cfg.mwq)
+        self.kernel = load_kernel()  # None: no compiler here, expert_ffn falls back to the torch path
+
+    def min_budget(self, bits: int) -> int:
+        """The smallest budget that can run at `bits`: one expert prefix (experts run one at a time)."""
+        return self.layout.prefix_bytes(bits)
+
+    def check_budget(self, bits: int) -> None:
+        need = self.min_budget(bits)
+        if self.cache.budget_bytes < need:
+            raise BudgetError(
+                f"memory budget {self.cache.budget_bytes} bytes is below one {bits}-bit expert ({need} bytes); "
+                f"raise --memory-budget or lower --bits"
+            )
+
+    def _fn(self, entry: Entry, bits: int) -> ExpertFn:
+        packed = entry.views.get(bits)
+        if packed is None:  # unpacking costs more than a decode-step matmul: do it once per width
+            packed = entry.views[bits] = unpack_expert(self.layout, entry.buf, bits)
+        return lambda x: expert_ffn(x, packed, bits, self.kernel)
+
+    def _load(self, layer: int, expert: int, bits: int) -> Entry:
+        key = (layer, expert)
+        entry = self.cache.get(key)
+        have = entry.bits if entry is not None else self.reader.min_bits - 1
+        size = self.layout.prefix_bytes(bits)
+        self.cache.make_room(size - (entry.buf.numel() if entry else 0), keep=key)
+        buf = torch.empty(size, dtype=torch.uint8)
+        if entry is not None:
+            buf[: entry.buf.numel()] = entry.buf
+            self.cache.stats.upgrades += 1
+        self.reader.read_into(layer, expert, buf, have, bits)
+        return self.cache.put(key, buf, bits)
+
+    def preload(self, bits: int) -> int:
+        """Read every expert at `bits` while the budget allows (the all-resident setting); returns how many."""
+        cfg = self.reader.config.model
+        loaded = 0
+        for layer in cfg.moe_layers:
+            for expert in range(cfg.num_experts):
+                if self.cache.used_bytes + self.layout.prefix_bytes(bits) > self.cache.budget_bytes:
+                    return loaded
+                entry = self.cache.get((layer, expert))
+                if entry is None or entry.bits < bits:
+                    self._load(layer, expert, bits)
+                loaded += 1
+        return loaded
+
+    def experts(self, layer: int, demands: list[tuple[int, int]]) -> Iterator[tuple[int, int, ExpertFn]]:
+        missing = []
+        for expert, bits in demands:
+            entry = self.cache.get((layer, expert))
+            if entry is not None and entry.bits >= bits:
+                self.cache.stats.hits += 1
+                yield expert, bits, self._fn(entry, bits)
+            else:
+                missing.append((expert, bits))
+        # Highest width first per expert so one read serves every width of that expert.
+        missing.sort(key=lambda d: (d[0], -d[1]))
+        for expert, bits in missing:
+            entry = self.cache.get((layer, expert))
+            if entry is not None and entry.bits >= bits:
+                self.cache.stats.hits += 1
+            else:
+                self.cache.stats.misses += 1
+                entry = self._load(layer, expert, bits)
+            yield expert, bits, self._fn(entry, bits)

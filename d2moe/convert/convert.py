@@ -1,0 +1,194 @@
+"""Conversion: a local Hugging Face checkpoint (or a canonical d2moe checkpoint) -> a bit-nested store.
+
+Streams safetensors shards tensor by tensor, maps names through the family's table, quantizes each
+expert once into its MWQ blob and writes everything through the atomic StoreWriter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from d2moe.config import ModelConfig, MWQConfig
+from d2moe.convert.families import ConversionError, canonical_name, family_for
+from d2moe.models.decoder import MoEDecoder
+from d2moe.models.expert_provider import TensorExpertProvider
+from d2moe.models.names import EXPERT_MATRICES, expert_name, is_expert_name
+from d2moe.quant.mwq import quantize
+from d2moe.quant.pack import ExpertLayout, pack_expert
+from d2moe.storage.format import TOKENIZER_FILES, StoreConfig
+from d2moe.storage.writer import StoreWriter
+
+log = logging.getLogger(__name__)
+
+CANONICAL_MARKER = "d2moe_checkpoint.json"
+CALIBRATION_FILE = "calibration.safetensors"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checkpoint opened for conversion: its canonical config and where each canonical tensor lives."""
+
+    path: Path
+    model: ModelConfig
+    tensors: dict[str, tuple[Path, str]]  # canonical name -> (shard file, name in that shard)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+
+
+def _shard_files(src: Path) -> list[Path]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [n for n in names if not (src / n).is_file()]
+        if missing:
+            raise ConversionError(f"{src}: missing shard(s) {', '.join(missing)} listed in {index.name}")
+        return [src / n for n in names]
+    shards = sorted(src.glob("*.safetensors"))
+    shards = [s for s in shards if s.name != CALIBRATION_FILE]
+    if not shards:
+        hint = " (only PyTorch .bin files; re-save with safetensors)" if list(src.glob("*.bin")) else ""
+        raise ConversionError(f"{src}: no safetensors weights found{hint}")
+    return shards
+
+
+def open_source(src: Path) -> Source:
+    """Identify the checkpoint's family and index its tensors under canonical names."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such directory")
+    if (src / CANONICAL_MARKER).is_file():
+        meta = _read_json(src / CANONICAL_MARKER)
+        model = ModelConfig.from_dict(meta["model"])
+        rename = lambda n: n  # noqa: E731 - canonical checkpoints already use canonical names
+    else:
+        if not (src / "config.json").is_file():
+            raise ConversionError(f"{src}: no config.json; is this a Hugging Face checkpoint directory?")
+        hf = _read_json(src / "config.json")
+        fam = family_for(hf)
+        model = fam.config_fn(hf, fam.name)
+        rename = lambda n: canonical_name(fam, n)  # noqa: E731
+    tensors: dict[str, tuple[Path, str]] = {}
+    for shard in _shard_files(src):
+        try:
+            with safe_open(str(shard), "pt") as f:
+                for name in f.keys():
+                    canon = rename(name)
+                    if canon is not None:
+                        tensors[canon] = (shard, name)
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            raise ConversionError(f"{shard}: cannot read safetensors header ({e})") from None
+    _check_complete(model, tensors, src)
+    return Source(src, model, tensors)
+
+
+def _check_complete(model: ModelConfig, tensors: dict, src: Path) -> None:
+    need = ["embed", "norm"] + ([] if model.tie_word_embeddings else ["lm_head"])
+    for L in range(model.num_layers):
+        p = f"layers.{L}."
+        need += [p + n for n in ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo")]
+        if L in model.dense_layers:
+            need += [p + "ffn." + m for m in EXPERT_MATRICES]
+        else:
+            need.append(p + "router")
+            need += [expert_name(L, e, m) for e in range(model.num_experts) for m in EXPERT_MATRICES]
+    missing = [n for n in need if n not in tensors]
+    if missing:
+        raise ConversionError(f"{src}: checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+
+
+def expert_layout(model: ModelConfig, mwq: MWQConfig) -> ExpertLayout:
+    H, I = model.hidden_size, model.expert_intermediate
+    for dim, what in ((H, "hidden size"), (I, "expert intermediate size")):
+        if dim % mwq.group_size:
+            raise ConversionError(f"group size {mwq.group_size} does not divide the {what} {dim}; pass --group-size")
+    return ExpertLayout((("w1", I, H), ("w3", I, H), ("w2", H, I)), mwq)
+
+
+class _TensorReader:
+    """Keeps shard files open for the duration of a conversion."""
+
+    def __init__(self, stack: ExitStack, source: Source) -> None:
+        self.source = source
+        self._files = {s: stack.enter_context(safe_open(str(s), "pt")) for s, _ in set(source.tensors.values())}
+
+    def get(self, canon: str) -> torch.Tensor:
+        shard, name = self.source.tensors[canon]
+        return self._files[shard].get_tensor(name)
+
+
+def load_tensors(source: Source) -> dict[str, torch.Tensor]:
+    """Every canonical tensor of `source` in memory (reference paths and tests; conversion streams instead)."""
+    with ExitStack() as stack:
+        reader = _TensorReader(stack, source)
+        return {name: reader.get(name) for name in source.tensors}
+
+
+def reference_decoder(src: Path) -> MoEDecoder:
+    """An unquantized fp32 decoder straight from a checkpoint: the reference every store is measured against."""
+    source = open_source(src)
+    tensors = {k: v.float() for k, v in load_tensors(source).items()}
+    dense = {k: v for k, v in tensors.items() if not is_expert_name(k)}
+    return MoEDecoder(source.model, dense, TensorExpertProvider(tensors))
+
+
+def _calibration(src: Path) -> dict[str, torch.Tensor]:
+    """Mean squared input activation per column of each expert matrix, when the source ships them."""
+    path = src / CALIBRATION_FILE
+    return load_file(str(path)) if path.is_file() else {}
+
+
+def convert(
+    src: Path,
+    out: Path,
+    mwq: MWQConfig = MWQConfig(),
+    *,
+    dense_dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert `src` into a store at `out` (atomically). Returns `out`."""
+    source = open_source(src)
+    model = source.model
+    layout = expert_layout(model, mwq)
+    shapes = tuple((n, o, i) for n, o, i in layout.shapes)
+    store_cfg = StoreConfig(model=model, mwq=mwq, expert_shapes=shapes, source=str(Path(src).resolve()))
+    calib = _calibration(Path(src))
+    total = len(model.moe_layers) * model.num_experts
+    with ExitStack() as stack:
+        reader = _TensorReader(stack, source)
+        writer = stack.enter_context(StoreWriter(Path(out), store_cfg, overwrite=overwrite))
+        dense = {n: reader.get(n).to(dense_dtype) for n in source.tensors if not is_expert_name(n)}
+        writer.write_dense(dense)
+        del dense
+        slice_bytes = [layout.slice_bytes(b) for b in mwq.widths]
+        bar = tqdm(total=total, desc="quantizing experts", unit="expert", disable=not progress, leave=False)
+        for L in model.moe_layers:
+            for e in range(model.num_experts):
+                weights = {}
+                for m in EXPERT_MATRICES:
+                    name = expert_name(L, e, m)
+                    w = reader.get(name).float()
+                    weights[m] = quantize(w, mwq, calib.get(name))
+                writer.add_expert(L, e, pack_expert(layout, weights), slice_bytes)
+                bar.update()
+        bar.close()
+        copied = writer.copy_files(Path(src), TOKENIZER_FILES)
+        if "tokenizer.json" not in copied:
+            log.warning("%s has no tokenizer.json: `run` and `eval` will need one in the store", src)
+        return writer.commit()

@@ -1,0 +1,60 @@
+"""One generic MoE decoder for every family; families differ only in ModelConfig and their name table."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from d2moe.config import ModelConfig
+from d2moe.models.expert_provider import ExpertProvider
+from d2moe.models.layers import KVCache, Rope, attention, rms_norm, swiglu
+from d2moe.models.moe import moe_block
+
+
+class MoEDecoder:
+    """Holds the dense (always resident) weights; experts come from `provider` on demand."""
+
+    def __init__(self, cfg: ModelConfig, dense: dict[str, torch.Tensor], provider: ExpertProvider) -> None:
+        self.cfg = cfg
+        self.w = dense
+        self.provider = provider
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        self.lm_head = dense["embed"] if cfg.tie_word_embeddings else dense["lm_head"]
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        missing = [n for n in ("embed", "norm") if n not in self.w]
+        for L in range(self.cfg.num_layers):
+            p = f"layers.{L}."
+            need = ["attn_norm", "ffn_norm", "wq", "wk", "wv", "wo"]
+            need += ["ffn.w1", "ffn.w3", "ffn.w2"] if L in self.cfg.dense_layers else ["router"]
+            missing += [p + n for n in need if p + n not in self.w]
+        if missing:
+            raise ValueError(f"dense weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        max_len = min(max_len, self.cfg.max_position)
+        return KVCache(self.cfg, batch, max_len, dtype=self.w["embed"].dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, bits: int | torch.Tensor, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """tokens [B,T] -> logits [B,T,V] (or [B,1,V] with last_only). `bits` per token [B,T] or one int."""
+        cfg, w = self.cfg, self.w
+        B, T = tokens.shape
+        token_bits = bits if isinstance(bits, torch.Tensor) else torch.full((B, T), int(bits))
+        h = F.embedding(tokens, w["embed"])
+        for L in range(cfg.num_layers):
+            p = f"layers.{L}."
+            h = h + attention(rms_norm(h, w[p + "attn_norm"], cfg.rms_norm_eps), w, p, cfg, self.rope, cache, L)
+            x = rms_norm(h, w[p + "ffn_norm"], cfg.rms_norm_eps)
+            if L in cfg.dense_layers:
+                h = h + swiglu(x, w[p + "ffn.w1"], w[p + "ffn.w3"], w[p + "ffn.w2"])
+            else:
+                y = moe_block(x.reshape(B * T, -1), w, p, L, cfg, self.provider, token_bits.reshape(-1))
+                h = h + y.view(B, T, -1)
+        cache.length += T
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(rms_norm(h, w["norm"], cfg.rms_norm_eps), self.lm_head).float()

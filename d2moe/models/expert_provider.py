@@ -1,0 +1,36 @@
+"""The interface between the MoE block and wherever expert weights live.
+
+The block states its demand set for a layer, a list of (expert, bits), and consumes experts in the order
+the provider makes them ready (resident ones first), like mixtral-offloading's `load_experts` generator.
+This is where the pipelined HEBF loader slots in later without changing the block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import torch
+
+from d2moe.models.layers import swiglu
+from d2moe.models.names import expert_name
+
+ExpertFn = Callable[[torch.Tensor], torch.Tensor]  # x [T, H] float32 -> y [T, H] float32
+
+
+class ExpertProvider(Protocol):
+    def experts(self, layer: int, demands: list[tuple[int, int]]) -> Iterator[tuple[int, int, ExpertFn]]:
+        """Yield (expert, bits, fn) for every demanded (expert, bits), in ready order."""
+        ...
+
+
+class TensorExpertProvider:
+    """Unquantized experts held as float tensors (the reference path; `bits` is ignored)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def experts(self, layer: int, demands: list[tuple[int, int]]) -> Iterator[tuple[int, int, ExpertFn]]:
+        for expert, bits in demands:
+            w1, w3, w2 = (self.tensors[expert_name(layer, expert, m)] for m in ("w1", "w3", "w2"))
+            yield expert, bits, lambda x, w1=w1, w3=w3, w2=w2: swiglu(x, w1, w3, w2)

@@ -1,0 +1,19 @@
+"""Shared fixtures. The tests directory is on sys.path (pytest inserts a rootless conftest's folder)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """family -> path of a tiny random HF checkpoint, built once per session."""
+    from tiny_hf import FAMILIES, save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("hf")
+    return {f: save_tiny_checkpoint(f, root / f, seed=i) for i, f in enumerate(FAMILIES)}

@@ -1,0 +1,59 @@
+"""Experts through the byte-budgeted cache: same logits under any budget, budget never exceeded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d2moe.cache.expert_cache import BudgetError
+from d2moe.convert.convert import convert
+from d2moe.engine.model import open_model
+
+
+@pytest.fixture(scope="module")
+def store(tiny_checkpoints, tmp_path_factory):
+    return convert(tiny_checkpoints["qwen2_moe"], tmp_path_factory.mktemp("s") / "q.d2m", progress=False)
+
+
+def _logits(model, ids, bits):
+    return model.decoder.forward(ids, model.decoder.new_cache(1, ids.shape[1]), bits)
+
+
+def test_tiny_budget_gives_same_logits(store):
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    full = open_model(store)
+    one = full.provider.min_budget(8)
+    tight = open_model(store, memory_budget=one)
+    torch.testing.assert_close(_logits(tight, ids, 8), _logits(full, ids, 8), rtol=0, atol=0)
+    assert tight.cache.stats.peak_bytes <= one
+    assert tight.cache.stats.evictions > 0
+
+
+def test_upgrade_reads_only_missing_planes(store):
+    model = open_model(store)
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    _logits(model, ids, 3)
+    after3 = model.reader.stats.bytes_read
+    _logits(model, ids, 5)
+    layout = model.provider.layout
+    upgraded = model.cache.stats.upgrades
+    assert upgraded > 0
+    # every upgrade read exactly slices 4 and 5; no expert was read twice from scratch
+    assert model.reader.stats.bytes_read - after3 <= upgraded * (layout.slice_bytes(4) + layout.slice_bytes(5)) + (
+        model.cache.stats.misses - upgraded
+    ) * layout.prefix_bytes(5)
+
+
+def test_lower_width_reuses_resident_prefix(store):
+    model = open_model(store)
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    _logits(model, ids, 8)
+    read = model.reader.stats.bytes_read
+    _logits(model, ids, 2)
+    assert model.reader.stats.bytes_read == read  # 2-bit experts are prefixes of the resident 8-bit ones
+
+
+def test_budget_below_one_expert_is_an_error(store):
+    model = open_model(store, memory_budget=100)
+    with pytest.raises(BudgetError, match="below one 8-bit expert"):
+        model.provider.check_budget(8)
