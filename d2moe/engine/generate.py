@@ -1,0 +1,63 @@
+"""Prefill + decode loop for one request. A request carries its own width and sampling choices."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from d2moe.engine.model import LoadedModel
+from d2moe.engine.sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    bits: int = 8
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = "length"
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # the first token comes out of prefill; decode steps produce the rest
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def generate(model: LoadedModel, request: Request, stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield generated token ids until max_tokens or an end-of-sequence token."""
+    stats = stats if stats is not None else GenerationStats()
+    params = request.sampling
+    if not request.prompt_ids:
+        raise ValueError("the prompt is empty")
+    model.provider.check_budget(request.bits)
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    cache = model.decoder.new_cache(1, len(request.prompt_ids) + params.max_tokens)
+    if len(request.prompt_ids) + params.max_tokens > cache.max_len:
+        raise ValueError(f"prompt + max_tokens exceeds the model's context ({cache.max_len})")
+    stats.prompt_tokens = len(request.prompt_ids)
+    t0 = time.perf_counter()
+    logits = model.decoder.forward(torch.tensor([request.prompt_ids]), cache, request.bits, last_only=True)
+    stats.prefill_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(params.max_tokens):
+        token = sample(logits[0, -1], params, gen)
+        if params.stop_on_eos and token in model.eos_ids:
+            stats.finish_reason = "stop"
+            break
+        stats.generated_tokens += 1
+        yield token
+        if i + 1 == params.max_tokens:
+            break
+        logits = model.decoder.forward(torch.tensor([[token]]), cache, request.bits, last_only=True)
+        stats.decode_seconds = time.perf_counter() - t0
