@@ -76,7 +76,6 @@ void row_decode(const MwqMat& m, int64_t r, const float* zc, const float* coef, 
 #else
 constexpr bool kAvx512 = false;
 
-
 template <int NP>
 inline void decode_8(const uint8_t* const* pl, int64_t byte, float z, const float* c, int64_t G, int64_t g,
                      float* w) {
