@@ -17,3 +17,12 @@ def tiny_checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hf")
     return {f: save_tiny_checkpoint(f, root / f, seed=i) for i, f in enumerate(FAMILIES)}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: torch's OpenMP barriers only cost time here (and stall when another job holds a core)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

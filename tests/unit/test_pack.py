@@ -16,13 +16,7 @@ from d2moe.quant.mwq import dequantize, quantize
 from d2moe.quant.pack import ALIGN, ExpertLayout, dequantize_packed, pack_expert, pack_slice, unpack_expert
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    """Tiny tensors: torch's OpenMP barriers only cost time here (and stall when another job holds a core)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _expert(layout: ExpertLayout, seed: int = 0) -> dict:
