@@ -171,6 +171,29 @@ def test_tiny_moefication_matches_reference():
     assert active_fraction(cfg) == pytest.approx((1 + 2 * 0.5) / 3)
 
 
+# --- corpus -----------------------------------------------------------------------------------------
+
+
+def test_calibration_never_reads_the_evaluation_play(tmp_path):
+    from d2moe.default_model import corpus
+
+    for name in ("hamlet_gut.txt", "hamlet_gut_f.txt", "macbeth_gut.txt", "macbeth_gut_f.txt", "metadata.txt"):
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in corpus.calibration_files(tmp_path)] == ["macbeth_gut.txt"]
+
+
+def test_selfgen_data_is_shipped_and_split():
+    from d2moe.default_model import corpus
+    from d2moe.default_model.selfgen import default_path, read_samples
+
+    if not default_path().exists():
+        pytest.skip("self-generated calibration text not present")
+    n = len(read_samples(default_path()))
+    calib, held = corpus.selfgen_samples(default_path()), corpus.selfgen_samples(default_path(), heldout=True)
+    assert len(calib) + len(held) == n and len(held) == n // corpus.HOLDOUT_EVERY
+    assert calib[0].startswith("<|im_start|>system")
+
+
 # --- checkpoint -------------------------------------------------------------------------------------
 
 
