@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["msb", "residual"])
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--dense-dtype", default="float16", choices=["float32", "bfloat16", "float16"],
+                    help="storage dtype of the stores' dense matrices (the default model's: float16)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense SmolLM2 row")
     ap.add_argument("--out", default="results/quality.json")
     args = ap.parse_args(argv)
@@ -58,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     tok = None
     stores = {}
     for method in args.methods:
-        stores[method] = work / f"quality-{ckpt.name}-{method}"
+        stores[method] = work / f"quality-{ckpt.name}-{method}-{args.dense_dtype}"
         if not (stores[method] / "config.json").is_file():
-            convert(ckpt, stores[method], MWQConfig(method=method), overwrite=True)
+            convert(ckpt, stores[method], MWQConfig(method=method), dense_dtype=getattr(torch, args.dense_dtype),
+                    overwrite=True)
         tok = open_model(stores[method]).require_tokenizer()
     ids = tok.encode(Path(args.text).read_text(), add_special_tokens=False).ids
     if not args.no_dense and (gguf := find_smollm2_gguf()):
@@ -74,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             model = open_model(path)
             ppl = _ppl(model.decoder, ids, bits, args.max_tokens, args.context)
             report({"name": method, "bits": bits, "perplexity": ppl, "expert_bytes_read": model.reader.stats.bytes_read})
-    out = write_result(
-        args.out, "quality", {"checkpoint": str(ckpt), "text": args.text, "max_tokens": args.max_tokens,
-                              "context": args.context, "rows": rows},
-    )
+    out = write_result(args.out, "quality", {
+        "checkpoint": str(ckpt), "dense_dtype": args.dense_dtype, "text": args.text, "max_tokens": args.max_tokens,
+        "context": args.context, "rows": rows,
+    })
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

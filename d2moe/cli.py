@@ -155,7 +155,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from d2moe.convert.convert import convert
 
     mwq = MWQConfig(group_size=args.group_size, method=args.mwq)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dense_dtype]
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dense_dtype
+    ]
     t0 = time.perf_counter()
     out = convert(Path(args.hf_dir), Path(args.out_dir), mwq, dense_dtype=dtype, overwrite=args.force)
     log.info("converted %s -> %s in %.1fs", args.hf_dir, out, time.perf_counter() - t0)
@@ -210,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("out_dir")
     cv.add_argument("--group-size", type=int, default=64)
     cv.add_argument("--mwq", choices=("msb", "residual"), default="msb")
-    cv.add_argument("--dense-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    cv.add_argument(
+        "--dense-dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="storage dtype of dense matrices (auto: as in the checkpoint); norms and biases stay float32",
+    )
     cv.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     cv.set_defaults(fn=cmd_convert)
 

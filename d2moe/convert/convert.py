@@ -153,16 +153,26 @@ def _calibration(src: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path)) if path.is_file() else {}
 
 
+def _dense_tensor(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if t.dim() < 2:
+        return t.float()
+    return t if dtype is None else t.to(dtype)
+
+
 def convert(
     src: Path,
     out: Path,
     mwq: MWQConfig = MWQConfig(),
     *,
-    dense_dtype: torch.dtype = torch.float32,
+    dense_dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert `src` into a store at `out` (atomically). Returns `out`."""
+    """Convert `src` into a store at `out` (atomically). Returns `out`.
+
+    Dense matrices are stored in `dense_dtype` (None: as the source stores them); vectors (norms, biases)
+    always in fp32, since they are tiny and feed the fp32 residual stream.
+    """
     source = open_source(src)
     model = source.model
     layout = expert_layout(model, mwq)
@@ -173,7 +183,7 @@ def convert(
     with ExitStack() as stack:
         reader = _TensorReader(stack, source)
         writer = stack.enter_context(StoreWriter(Path(out), store_cfg, overwrite=overwrite))
-        dense = {n: reader.get(n).to(dense_dtype) for n in source.tensors if not is_expert_name(n)}
+        dense = {n: _dense_tensor(reader.get(n), dense_dtype) for n in source.tensors if not is_expert_name(n)}
         writer.write_dense(dense)
         del dense
         slice_bytes = [layout.slice_bytes(b) for b in mwq.widths]

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "smollm2-moe-e8k6-v1"  # bump the suffix when the recipe changes
+STORE_VARIANT = "f16"  # bump when the store settings change (f16: dense matrices stored in float16)
 
 
 def d2moe_home() -> Path:
@@ -15,7 +16,8 @@ def d2moe_home() -> Path:
 
 
 def default_model_dir() -> Path:
-    return d2moe_home() / "models" / DEFAULT_MODEL_NAME
+    """The bit-nested store `d2moe run` serves by default."""
+    return d2moe_home() / "models" / f"{DEFAULT_MODEL_NAME}-{STORE_VARIANT}"
 
 
 def default_checkpoint_dir() -> Path:

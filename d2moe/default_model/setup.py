@@ -7,11 +7,14 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from d2moe.convert.convert import CANONICAL_MARKER
 from d2moe.default_model.gguf_llama import find_smollm2_gguf
 from d2moe.default_model.paths import default_checkpoint_dir, default_model_dir, default_texts_dir
 
 log = logging.getLogger(__name__)
+DEFAULT_DENSE_DTYPE = torch.float16
 
 
 def ensure_default_model(force: bool = False, progress: bool = True) -> Path:
@@ -43,6 +46,7 @@ def ensure_default_model(force: bool = False, progress: bool = True) -> Path:
         log.info("building the default model from %s (once; a few minutes)", gguf.name)
         report = build_default_model(ckpt, texts, gguf, progress=progress)
         log.info("MoEfication report: %s", report)
-    convert(ckpt, out, MWQConfig(), overwrite=force, progress=progress)
+    # fp16 dense matrices: half the resident bytes, and the 49K-row head reads 5x faster than fp32.
+    convert(ckpt, out, MWQConfig(), dense_dtype=DEFAULT_DENSE_DTYPE, overwrite=force, progress=progress)
     log.info("default model ready at %s (%.0fs)", out, time.perf_counter() - t0)
     return out

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import ExpertProvider
-from d2moe.models.layers import KVCache, Rope, attention, rms_norm, swiglu
+from d2moe.models.layers import KVCache, Rope, attention, linear, rms_norm, swiglu
 from d2moe.models.moe import moe_block
 
 
@@ -34,7 +34,7 @@ class MoEDecoder:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         max_len = min(max_len, self.cfg.max_position)
-        return KVCache(self.cfg, batch, max_len, dtype=self.w["embed"].dtype)
+        return KVCache(self.cfg, batch, max_len)
 
     @torch.inference_mode()
     def forward(
@@ -44,7 +44,7 @@ class MoEDecoder:
         cfg, w = self.cfg, self.w
         B, T = tokens.shape
         token_bits = bits if isinstance(bits, torch.Tensor) else torch.full((B, T), int(bits))
-        h = F.embedding(tokens, w["embed"])
+        h = F.embedding(tokens, w["embed"]).float()  # the residual stream is fp32 whatever the storage
         for L in range(cfg.num_layers):
             p = f"layers.{L}."
             h = h + attention(rms_norm(h, w[p + "attn_norm"], cfg.rms_norm_eps), w, p, cfg, self.rope, cache, L)
@@ -57,4 +57,4 @@ class MoEDecoder:
         cache.length += T
         if last_only:
             h = h[:, -1:]
-        return F.linear(rms_norm(h, w["norm"], cfg.rms_norm_eps), self.lm_head).float()
+        return linear(rms_norm(h, w["norm"], cfg.rms_norm_eps), self.lm_head)

@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import ExpertProvider
-from d2moe.models.layers import swiglu
+from d2moe.models.layers import linear, swiglu
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class Routing:
 
 def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig) -> Routing:
     """Router one: pick each token's top-k experts. x [T,H] -> Routing."""
-    logits = F.linear(x, router).float()  # [T, E]
+    logits = linear(x, router)  # [T, E] fp32
     if cfg.router_scoring == "softmax":
         probs = logits.softmax(dim=-1)
         weight, idx = probs.topk(cfg.top_k, dim=-1)
@@ -68,9 +67,9 @@ def moe_block(
         out.index_add_(0, tokens, y * flat_weight[sel, None])
 
     if cfg.shared_expert_intermediate:
-        shared = swiglu(x, w[prefix + "shared.w1"], w[prefix + "shared.w3"], w[prefix + "shared.w2"]).float()
+        shared = swiglu(x, w[prefix + "shared.w1"], w[prefix + "shared.w3"], w[prefix + "shared.w2"])
         if cfg.shared_expert_gate:
-            shared = torch.sigmoid(F.linear(x, w[prefix + "shared_gate"]).float()) * shared
+            shared = torch.sigmoid(linear(x, w[prefix + "shared_gate"])) * shared
         out = out + shared
     if cfg.absent_expert_bias:
         absent = w[prefix + "absent_bias"].float()  # [E, H]

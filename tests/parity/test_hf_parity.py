@@ -76,3 +76,24 @@ def test_qwen2_dense_layers_match_transformers(tmp_path):
     assert dec.cfg.dense_layers == (1,)
     ours = dec.forward(ids, dec.new_cache(1, 64), bits=8)
     torch.testing.assert_close(ours, _hf_logits(path, ids), atol=UNQUANTIZED_ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_dense_store(tiny_checkpoints, tmp_path, dtype):
+    """Dense matrices stored in half precision: half the bytes, vectors stay fp32, logits stay close."""
+    from safetensors import safe_open
+
+    ids = _ids(4)
+    path = tiny_checkpoints["qwen2_moe"]  # biases, a shared expert and its gate: every dense kind
+    full = open_model(convert(path, tmp_path / "f32.d2m", MWQConfig(), dense_dtype=torch.float32, progress=False))
+    half = open_model(convert(path, tmp_path / "half.d2m", MWQConfig(), dense_dtype=dtype, progress=False))
+    with safe_open(str(tmp_path / "half.d2m" / "dense.safetensors"), "pt") as f:
+        dtypes = {n: f.get_slice(n).get_dtype() for n in f.keys()}
+    matrices = {d for n, d in dtypes.items() if n.split(".")[-1] in ("wq", "wo", "router", "embed", "shared_gate")}
+    vectors = {d for n, d in dtypes.items() if "norm" in n or n.split(".")[-1] in ("bq", "bk", "bv")}
+    assert matrices == {"F16" if dtype == torch.float16 else "BF16"} and vectors == {"F32"}
+    a = full.decoder.forward(ids, full.decoder.new_cache(1, 64), bits=8)
+    b = half.decoder.forward(ids, half.decoder.new_cache(1, 64), bits=8)
+    assert b.dtype == torch.float32
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none")
+    assert kl.sum(-1).mean().item() < (1e-4 if dtype == torch.float16 else 1e-3)
