@@ -27,7 +27,7 @@ class CacheStats:
 class Entry:
     buf: torch.Tensor  # uint8, exactly the prefix bytes of `bits`
     bits: int
-    views: dict = field(default_factory=dict)  # the provider's zero-copy views of `buf`, per width
+    views: dict = field(default_factory=dict)  # the provider's bound experts over `buf` (zero-copy), per width
 
 
 class BudgetError(ValueError):

@@ -12,7 +12,7 @@ import torch
 
 from d2moe.cache.expert_cache import BudgetError, Entry, ExpertCache
 from d2moe.models.expert_provider import ExpertFn
-from d2moe.quant.kernels import expert_ffn, load_kernel
+from d2moe.quant.kernels import BoundExpert, load_kernel
 from d2moe.quant.pack import ExpertLayout, unpack_expert
 from d2moe.storage.reader import StoreReader
 
@@ -38,10 +38,10 @@ class StoreExpertProvider:
             )
 
     def _fn(self, entry: Entry, bits: int) -> ExpertFn:
-        packed = entry.views.get(bits)
-        if packed is None:  # unpacking costs more than a decode-step matmul: do it once per width
-            packed = entry.views[bits] = unpack_expert(self.layout, entry.buf, bits)
-        return lambda x: expert_ffn(x, packed, bits, self.kernel)
+        fn = entry.views.get(bits)
+        if fn is None:  # unpacking and binding cost more than a decode-step matmul: once per width
+            fn = entry.views[bits] = BoundExpert(unpack_expert(self.layout, entry.buf, bits), bits, self.kernel)
+        return fn
 
     def _load(self, layer: int, expert: int, bits: int) -> Entry:
         key = (layer, expert)

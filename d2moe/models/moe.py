@@ -38,6 +38,39 @@ def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig) -> Routing:
     return Routing(idx, weight)
 
 
+def _many_tokens(
+    xf: torch.Tensor, routing: Routing, token_bits: torch.Tensor, layer: int, cfg: ModelConfig,
+    provider: ExpertProvider,
+) -> torch.Tensor:
+    """Group the T*k (token, expert, bits) triples by (expert, bits); each expert runs once on its tokens."""
+    bits = token_bits.view(-1, 1).expand_as(routing.idx)  # [T, k]
+    flat_expert = routing.idx.reshape(-1)
+    flat_bits = bits.reshape(-1)
+    flat_weight = routing.weight.reshape(-1)
+    flat_token = torch.arange(xf.shape[0]).repeat_interleave(cfg.top_k)
+    keys = flat_expert * 16 + flat_bits  # one key per (expert, bits) pair
+    unique_keys = torch.unique(keys).tolist()
+    demands = [(k // 16, k % 16) for k in unique_keys]
+
+    out = torch.zeros_like(xf)
+    for expert, b, fn in provider.experts(layer, demands):
+        sel = (keys == expert * 16 + b).nonzero().squeeze(1)
+        tokens = flat_token[sel]
+        y = fn(xf[tokens])
+        out.index_add_(0, tokens, y * flat_weight[sel, None])
+    return out
+
+
+def _one_token(xf: torch.Tensor, routing: Routing, bits: int, layer: int, provider: ExpertProvider) -> torch.Tensor:
+    """Decode step: k distinct experts at one width, no grouping needed."""
+    weight = routing.weight[0].tolist()
+    slot = {e: i for i, e in enumerate(routing.idx[0].tolist())}
+    out = torch.zeros_like(xf)
+    for expert, _, fn in provider.experts(layer, [(e, bits) for e in slot]):
+        out.add_(fn(xf), alpha=weight[slot[expert]])
+    return out
+
+
 def moe_block(
     x: torch.Tensor,
     w: dict[str, torch.Tensor],
@@ -49,23 +82,10 @@ def moe_block(
 ) -> torch.Tensor:
     """x [T,H] (normed hidden), token_bits [T] width per token -> [T,H]."""
     routing = route(x, w[prefix + "router"], cfg)
-    bits = token_bits.view(-1, 1).expand_as(routing.idx)  # [T, k]
-    flat_expert = routing.idx.reshape(-1)
-    flat_bits = bits.reshape(-1)
-    flat_weight = routing.weight.reshape(-1)
-    flat_token = torch.arange(x.shape[0]).repeat_interleave(cfg.top_k)
-    keys = flat_expert * 16 + flat_bits  # one key per (expert, bits) pair
-    unique_keys = torch.unique(keys).tolist()
-    demands = [(k // 16, k % 16) for k in unique_keys]
-
-    xf = x.float()
-    out = torch.zeros_like(xf)
-    for expert, b, fn in provider.experts(layer, demands):
-        sel = (keys == expert * 16 + b).nonzero().squeeze(1)
-        tokens = flat_token[sel]
-        y = fn(xf[tokens])
-        out.index_add_(0, tokens, y * flat_weight[sel, None])
-
+    if x.shape[0] == 1:
+        out = _one_token(x.float(), routing, int(token_bits[0]), layer, provider)
+    else:
+        out = _many_tokens(x.float(), routing, token_bits, layer, cfg, provider)
     if cfg.shared_expert_intermediate:
         shared = swiglu(x, w[prefix + "shared.w1"], w[prefix + "shared.w3"], w[prefix + "shared.w2"])
         if cfg.shared_expert_gate:

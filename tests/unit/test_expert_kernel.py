@@ -150,3 +150,20 @@ def test_invalid_calls(kernel: CpuKernel) -> None:
     swapped: dict[str, PackedMatrix] = {"w1": packed["w2"], "w3": packed["w3"], "w2": packed["w1"]}
     with pytest.raises(ValueError, match="w2"):
         expert_ffn(torch.randn(2, 80), swapped, 3, kernel)
+
+
+@pytest.mark.parametrize("method", ["msb", "residual"])
+def test_bound_expert_equals_expert_ffn(kernel: CpuKernel, method: str) -> None:
+    """The provider's bound expert (structs built once) computes exactly what expert_ffn does, at any T."""
+    from d2moe.quant.kernels import BoundExpert
+
+    layout, blob = _packed(96, 160, 32, method)
+    buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(5)
+    for bits in (2, 5, 8):
+        packed = unpack_expert(layout, buf[: layout.prefix_bytes(bits)], bits)
+        bound = BoundExpert(packed, bits, kernel)
+        for t in (1, 3, SMALL_T + 1):
+            x = torch.randn(t, 96, generator=g)
+            assert torch.equal(bound(x), expert_ffn(x, packed, bits, kernel)), (bits, t)
+        assert torch.equal(BoundExpert(packed, bits, None)(x), expert_ffn_reference(x, packed, bits))

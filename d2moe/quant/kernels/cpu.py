@@ -118,6 +118,42 @@ class CpuKernel:
         return y
 
 
+class BoundExpert:
+    """One expert's packed matrices bound to the kernel at one width: checks and C structs done once.
+
+    A decode step calls ~k experts per layer; building the ctypes structs and re-validating shapes on every
+    call cost ~20 % of a step for the default model. The cache keeps one per resident (expert, width).
+    """
+
+    def __init__(self, packed: dict[str, PackedMatrix], bits: int, kernel: CpuKernel | None,
+                 small_t: int = SMALL_T) -> None:
+        self.packed, self.bits, self.kernel, self.small_t = packed, bits, kernel, small_t
+        mats = [packed[n] for n in ("w1", "w3", "w2")]
+        for pm in mats:
+            check_bits(bits, pm.bits)
+        self.hidden, self.inter = mats[0].in_features, mats[0].out_features
+        self.fast = kernel is not None and all(kernel.supports(pm) for pm in mats)
+        if self.fast:
+            self._structs = [_mat(pm) for pm in mats]  # kept alive: the refs below point into them
+            self._refs = [ctypes.byref(m) for m in self._structs]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        t = x.shape[0]
+        if not self.fast:  # no compiler, or a group size the kernel does not handle
+            return expert_ffn_reference(_as_input(x, self.hidden), self.packed, self.bits)
+        if t > self.small_t:
+            return expert_ffn(x, self.packed, self.bits, self.kernel, self.small_t)
+        x = _as_input(x, self.hidden)
+        act = torch.empty(t, self.inter, dtype=torch.float32)
+        y = torch.empty(t, self.hidden, dtype=torch.float32)
+        rc = self.kernel.lib.mwq_expert_ffn(
+            *self._refs, self.bits, x.data_ptr(), t, act.data_ptr(), y.data_ptr(), 0, torch.get_num_threads()
+        )
+        if rc:
+            raise ValueError(f"expert shapes unsupported by the CPU kernel (code {rc})")
+        return y
+
+
 def load_kernel(cache_dir: Path | None = None, march: str = "native") -> CpuKernel | None:
     """The compiled CPU kernel (built once into `cache_dir`), or None if it cannot be built."""
     lib = load_library(cache_dir, march)
