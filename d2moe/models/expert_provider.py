@@ -18,6 +18,18 @@ from d2moe.models.names import expert_name
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]  # x [T, H] float32 -> y [T, H] float32
 
 
+def weighted_sum(fns: list[ExpertFn], weights: list[float], x: torch.Tensor) -> torch.Tensor:
+    """sum_i weights[i] * fns[i](x). Expert types may offer `run_many(fns, weights, x)` to do it in one
+    call (the CPU kernel runs a layer's experts in one parallel region); it returns None to decline."""
+    many = getattr(type(fns[0]), "run_many", None) if fns else None
+    if many is not None and (y := many(fns, weights, x)) is not None:
+        return y
+    out = torch.zeros_like(x)
+    for fn, w in zip(fns, weights):
+        out.add_(fn(x), alpha=w)
+    return out
+
+
 class ExpertProvider(Protocol):
     def experts(self, layer: int, demands: list[tuple[int, int]]) -> Iterator[tuple[int, int, ExpertFn]]:
         """Yield (expert, bits, fn) for every demanded (expert, bits), in ready order."""

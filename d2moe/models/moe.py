@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from d2moe.config import ModelConfig
-from d2moe.models.expert_provider import ExpertProvider
+from d2moe.models.expert_provider import ExpertProvider, weighted_sum
 from d2moe.models.layers import linear, swiglu
 
 
@@ -62,13 +62,11 @@ def _many_tokens(
 
 
 def _one_token(xf: torch.Tensor, routing: Routing, bits: int, layer: int, provider: ExpertProvider) -> torch.Tensor:
-    """Decode step: k distinct experts at one width, no grouping needed."""
+    """Decode step: k distinct experts at one width, no grouping; run together once all are ready."""
     weight = routing.weight[0].tolist()
     slot = {e: i for i, e in enumerate(routing.idx[0].tolist())}
-    out = torch.zeros_like(xf)
-    for expert, _, fn in provider.experts(layer, [(e, bits) for e in slot]):
-        out.add_(fn(xf), alpha=weight[slot[expert]])
-    return out
+    ready = list(provider.experts(layer, [(e, bits) for e in slot]))
+    return weighted_sum([fn for _, _, fn in ready], [weight[slot[e]] for e, _, _ in ready], xf)
 
 
 def moe_block(

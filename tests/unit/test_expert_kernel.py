@@ -167,3 +167,29 @@ def test_bound_expert_equals_expert_ffn(kernel: CpuKernel, method: str) -> None:
             x = torch.randn(t, 96, generator=g)
             assert torch.equal(bound(x), expert_ffn(x, packed, bits, kernel)), (bits, t)
         assert torch.equal(BoundExpert(packed, bits, None)(x), expert_ffn_reference(x, packed, bits))
+
+
+@pytest.mark.parametrize("method", ["msb", "residual"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_experts_run_together_equal_their_weighted_sum(kernel: CpuKernel, method: str, threads: int) -> None:
+    """One kernel call for a layer's experts (decode) equals the weighted sum of single-expert calls."""
+    from d2moe.models.expert_provider import weighted_sum
+    from d2moe.quant.kernels import BoundExpert
+
+    torch.set_num_threads(threads)
+    experts = []
+    for seed in range(3):
+        layout, blob = _packed(96, 160, 32, method, seed=seed)
+        experts.append(BoundExpert(unpack_expert(layout, blob, 6), 6, kernel))
+    weights = [0.5, -1.25, 2.0]
+    g = torch.Generator().manual_seed(6)
+    for t in (1, 2, 4):
+        x = torch.randn(t, 96, generator=g)
+        want = sum(w * e(x) for e, w in zip(experts, weights))
+        got = BoundExpert.run_many(experts, weights, x)
+        assert got is not None and _rel(got, want) < 1e-6
+        assert _rel(weighted_sum(experts, weights, x), want) < 1e-6
+    # mixed widths cannot share a call: declined, and weighted_sum falls back to one call per expert
+    mixed = experts[:2] + [BoundExpert(unpack_expert(layout, blob, 4), 4, kernel)]
+    assert BoundExpert.run_many(mixed, weights, x) is None
+    assert _rel(weighted_sum(mixed, weights, x), sum(w * e(x) for e, w in zip(mixed, weights))) < 1e-6

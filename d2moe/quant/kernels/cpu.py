@@ -70,7 +70,8 @@ class CpuKernel:
         self.lib.mwq_matmul.argtypes = [vp, i32, vp, i64, vp, i32, i32]
         self.lib.mwq_decode.argtypes = [vp, i32, vp, i32]
         self.lib.mwq_expert_ffn.argtypes = [vp, vp, vp, i32, vp, i64, vp, vp, i32, i32]
-        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_expert_ffn):
+        self.lib.mwq_experts_ffn.argtypes = [i32, vp, i32, vp, i64, vp, vp, vp, i32, i32]
+        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_expert_ffn, self.lib.mwq_experts_ffn):
             f.restype = i32
 
     @property
@@ -136,6 +137,7 @@ class BoundExpert:
         if self.fast:
             self._structs = [_mat(pm) for pm in mats]  # kept alive: the refs below point into them
             self._refs = [ctypes.byref(m) for m in self._structs]
+            self._addrs = [ctypes.addressof(m) for m in self._structs]
 
     def __call__(self, x: Tensor) -> Tensor:
         t = x.shape[0]
@@ -151,6 +153,30 @@ class BoundExpert:
         )
         if rc:
             raise ValueError(f"expert shapes unsupported by the CPU kernel (code {rc})")
+        return y
+
+    @staticmethod
+    def run_many(experts: list[BoundExpert], weights: list[float], x: Tensor) -> Tensor | None:
+        """sum_e weights[e] * experts[e](x) in one kernel call (one parallel region for the layer), or None
+        when the experts cannot share a call (mixed widths or kernels, torch path, too many tokens)."""
+        first = experts[0] if experts else None
+        if first is None or not all(
+            isinstance(e, BoundExpert) and e.fast and e.kernel is first.kernel and e.bits == first.bits
+            and e.hidden == first.hidden and e.inter == first.inter for e in experts
+        ) or x.shape[0] > first.small_t:
+            return None
+        x = _as_input(x, first.hidden)
+        n, t = len(experts), x.shape[0]
+        mats = (ctypes.c_void_p * (3 * n))(*[a for e in experts for a in e._addrs])
+        w = torch.tensor(weights, dtype=torch.float32)
+        act = torch.empty(n, t, first.inter, dtype=torch.float32)
+        y = torch.empty(t, first.hidden, dtype=torch.float32)
+        rc = first.kernel.lib.mwq_experts_ffn(
+            n, mats, first.bits, x.data_ptr(), t, w.data_ptr(), act.data_ptr(), y.data_ptr(), 0,
+            torch.get_num_threads(),
+        )
+        if rc:
+            raise ValueError(f"experts unsupported by the CPU kernel (code {rc})")
         return y
 
 

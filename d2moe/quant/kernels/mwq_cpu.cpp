@@ -17,7 +17,8 @@
 //  * otherwise `row_dot`: each 16-column chunk is decoded in registers by one masked float add per plane
 //    and used for a tile of up to 8 tokens.
 //  * prefill: `mwq_decode` writes float32 rows for a BLAS GEMM.
-// mwq_expert_ffn runs the whole SwiGLU expert in one parallel region (gate/up rows, then down rows).
+// mwq_expert_ffn runs the whole SwiGLU expert in one parallel region (gate/up rows, then down rows);
+// mwq_experts_ffn runs a layer's experts for the same tokens in one region and sums them (decode steps).
 // Threads: OpenMP over output rows (the process's libgomp, shared with torch).
 // The AVX-512 kernels need group_size % 16 == 0 (masked int16: % 32, GFNI: % 64); the portable path % 8.
 //
@@ -219,6 +220,60 @@ int mwq_expert_ffn(const MwqMat* w1, const MwqMat* w3, const MwqMat* w2, int bit
         // implicit barrier: qa visible to all threads
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < H; ++r) g2.dot(r, act, I, T, y + r, H, qa);
+    }
+    return 0;
+}
+
+// n SwiGLU experts on the same T tokens, summed: y [T, H] = sum_e weights[e] * expert_e(x).
+// mats: 3n pointers (w1, w3, w2 of expert 0, then of expert 1, ...); act: caller scratch [n, T, I].
+// One parallel region per layer instead of one per expert: gate/up rows of all experts, then down rows,
+// where each thread owns output rows and sums over experts (no atomics, fixed summation order).
+int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, int64_t T, const float* weights,
+                    float* act, float* y, int exact, int nthreads) {
+    if (n <= 0) return -3;
+    const int64_t I = mats[0]->out, H = mats[0]->in, gs = mats[0]->group_size;
+    for (int e = 0; e < n; ++e) {
+        const MwqMat *w1 = mats[3 * e], *w3 = mats[3 * e + 1], *w2 = mats[3 * e + 2];
+        if (!supported(*w1, bits) || !supported(*w3, bits) || !supported(*w2, bits)) return -1;
+        if (w1->out != I || w1->in != H || w3->out != I || w3->in != H || w2->out != H || w2->in != I) return -2;
+        if (w1->group_size != gs || w3->group_size != gs || w2->group_size != gs) return -2;
+    }
+    QuantBuffers qx_buf;
+    QuantX qx_view;
+    const QuantX* qx = exact ? nullptr : maybe_quantize(qx_buf, qx_view, *mats[0], bits, x, T);
+    std::vector<QuantBuffers> qa_buf(n);
+    std::vector<QuantX> qa_view(n);
+    std::vector<const QuantX*> qa(n, nullptr);
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<RowWork> g1, g3, g2;
+        g1.reserve(n), g3.reserve(n), g2.reserve(n);
+        for (int e = 0; e < n; ++e) {
+            g1.emplace_back(*mats[3 * e], bits);
+            g3.emplace_back(*mats[3 * e + 1], bits);
+            g2.emplace_back(*mats[3 * e + 2], bits);
+        }
+        std::vector<float> up(T), part(T);
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < n * I; ++k) {
+            const int64_t e = k / I, r = k % I;
+            float* a = act + e * T * I;
+            g1[e].dot(r, x, H, T, a + r, I, qx);
+            g3[e].dot(r, x, H, T, up.data(), 1, qx);
+            for (int64_t t = 0; t < T; ++t) a[t * I + r] = silu(a[t * I + r]) * up[t];
+        }  // implicit barrier: every act complete
+#pragma omp for schedule(static)
+        for (int e = 0; e < n; ++e)
+            qa[e] = exact ? nullptr : maybe_quantize(qa_buf[e], qa_view[e], *mats[3 * e + 2], bits, act + e * T * I, T);
+        // implicit barrier: qa visible to all threads
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < H; ++r) {
+            for (int64_t t = 0; t < T; ++t) y[t * H + r] = 0.f;
+            for (int e = 0; e < n; ++e) {
+                g2[e].dot(r, act + e * T * I, I, T, part.data(), 1, qa[e]);
+                for (int64_t t = 0; t < T; ++t) y[t * H + r] += weights[e] * part[t];
+            }
+        }
     }
     return 0;
 }
