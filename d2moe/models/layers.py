@@ -21,9 +21,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b), computed in w's dtype and returned in fp32.
 
-    Dense matrices may be stored in half precision: a decode-step matvec is memory bound, so fp16 halves its
-    time (the 49K x 576 head of the default model: 6.9 -> 1.2 ms on 2 cores), while the residual stream, norms
-    and biases stay fp32.
+    Dense matrices may be stored in half precision: a decode-step matvec is memory bound, so that cuts its
+    time (the default model's 49K x 576 head on 2 cores: fp32 6.9 ms, bf16 2.3 ms, fp16 1.2 ms), while the
+    residual stream, norms and biases stay fp32.
     """
     y = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w).float()
     return y if b is None else y + b
