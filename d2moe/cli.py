@@ -39,12 +39,29 @@ def _bits(value: str) -> int:
     return bits
 
 
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """Compute threads for torch and the expert kernel. Their OpenMP regions wait at barriers, so a thread
+    that loses its core to another process stalls every step: on a busy machine fewer threads is faster."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from d2moe.engine.generate import GenerationStats, Request, generate
     from d2moe.engine.model import open_model
     from d2moe.engine.sampling import SamplingParams
 
     budget = _budget(args.memory_budget)
+    _set_threads(args)
     model = open_model(_model_path(args), budget)
     tok = model.require_tokenizer()
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
@@ -89,6 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except OSError as e:
         raise FileNotFoundError(f"{text_path}: cannot read ({e.strerror})") from None
     budget = _budget(args.memory_budget)
+    _set_threads(args)
     model = open_model(_model_path(args), budget)
     model.provider.check_budget(args.bits)
     ids = model.require_tokenizer().encode(text, add_special_tokens=False).ids
@@ -180,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     def model_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default=None, help="store directory (default: the built-in model)")
 
+    def threads_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--threads", type=_positive, default=None,
+                        help="compute threads (default: torch's, one per core); use fewer on a busy machine")
+
     run = sub.add_parser("run", help="generate a completion for a prompt")
     model_arg(run)
     run.add_argument("prompt")
@@ -189,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--bits", type=_bits, default=8, help="expert bit-width, 2..8")
     run.add_argument("--memory-budget", default=None, help="bytes of experts held in memory, e.g. 64MiB")
+    threads_arg(run)
     run.set_defaults(fn=cmd_run)
 
     ev = sub.add_parser("eval", help="held-out perplexity of a text file")
@@ -198,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=8192, help="first N tokens of the file")
     ev.add_argument("--context", type=int, default=512, help="window length (non-overlapping)")
     ev.add_argument("--memory-budget", default=None)
+    threads_arg(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(fn=cmd_eval)

@@ -37,6 +37,8 @@ def test_run_prints_completion(store):
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip("\n")) > 0
     assert "decode" in r.stderr  # stats go to stderr, not stdout
+    one = d2moe("run", "--model", str(store), "--max-tokens", "8", "--bits", "4", "--threads", "1", "Hello")
+    assert one.returncode == 0 and one.stdout == r.stdout, one.stderr  # greedy: same text on one thread
 
 
 def test_eval_json_bits_trade_off(store, tmp_path):
@@ -89,3 +91,9 @@ def test_bad_input_one_line_error(args, message, tmp_path):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [["run", "--threads", "0", "x"], ["run", "--bits", "9", "x"]])
+def test_bad_option_values_are_usage_errors(args):
+    r = d2moe(*args)
+    assert r.returncode == 2 and "d2moe run: error: argument" in r.stderr and "Traceback" not in r.stderr
