@@ -69,9 +69,8 @@ class CpuKernel:
         vp, i32, i64 = _P, ctypes.c_int, ctypes.c_int64
         self.lib.mwq_matmul.argtypes = [vp, i32, vp, i64, vp, i32, i32]
         self.lib.mwq_decode.argtypes = [vp, i32, vp, i32]
-        self.lib.mwq_expert_ffn.argtypes = [vp, vp, vp, i32, vp, i64, vp, vp, i32, i32]
         self.lib.mwq_experts_ffn.argtypes = [i32, vp, i32, vp, i64, vp, vp, vp, i32, i32]
-        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_expert_ffn, self.lib.mwq_experts_ffn):
+        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_experts_ffn):
             f.restype = i32
 
     @property
@@ -103,20 +102,29 @@ class CpuKernel:
             raise ValueError(f"{pm.name}: unsupported by the CPU kernel")
         return w
 
-    def expert_ffn(self, x: Tensor, packed: dict[str, PackedMatrix], bits: int, exact: bool = False) -> Tensor:
-        """Whole SwiGLU expert for few tokens in one call (x [T, H] float32); shapes as expert_ffn checks."""
-        x = _as_input(x, packed["w1"].in_features)
-        w1, w3, w2 = _mat(packed["w1"]), _mat(packed["w3"]), _mat(packed["w2"])
-        t = x.shape[0]
-        act = torch.empty(t, packed["w1"].out_features, dtype=torch.float32)
-        y = torch.empty(t, packed["w2"].out_features, dtype=torch.float32)
-        rc = self.lib.mwq_expert_ffn(
-            ctypes.byref(w1), ctypes.byref(w3), ctypes.byref(w2), bits, x.data_ptr(), t,
-            act.data_ptr(), y.data_ptr(), int(exact), torch.get_num_threads(),
-        )  # fmt: skip
+    def experts_ffn(self, bits: int, mats: list[int], weights: Tensor, x: Tensor, inter: int,
+                    exact: bool = False) -> Tensor:
+        """sum_e weights[e] * SwiGLU_e(x) in one call, for few tokens (x [T, H] float32, checked).
+
+        `mats`: addresses of the (w1, w3, w2) structs of each expert, kept alive by the caller.
+        """
+        n, t = len(mats) // 3, x.shape[0]
+        act = torch.empty(n, t, inter, dtype=torch.float32)
+        y = torch.empty(t, x.shape[1], dtype=torch.float32)
+        rc = self.lib.mwq_experts_ffn(
+            n, (ctypes.c_void_p * len(mats))(*mats), bits, x.data_ptr(), t, weights.data_ptr(), act.data_ptr(),
+            y.data_ptr(), int(exact), torch.get_num_threads(),
+        )
         if rc:
             raise ValueError(f"expert shapes unsupported by the CPU kernel (code {rc})")
         return y
+
+    def expert_ffn(self, x: Tensor, packed: dict[str, PackedMatrix], bits: int, exact: bool = False) -> Tensor:
+        """Whole SwiGLU expert for few tokens in one call (x [T, H] float32); shapes as expert_ffn checks."""
+        structs = [_mat(packed[n]) for n in ("w1", "w3", "w2")]
+        x = _as_input(x, packed["w1"].in_features)
+        addrs = [ctypes.addressof(m) for m in structs]
+        return self.experts_ffn(bits, addrs, torch.ones(1), x, packed["w1"].out_features, exact)
 
 
 class BoundExpert:
@@ -135,25 +143,16 @@ class BoundExpert:
         self.hidden, self.inter = mats[0].in_features, mats[0].out_features
         self.fast = kernel is not None and all(kernel.supports(pm) for pm in mats)
         if self.fast:
-            self._structs = [_mat(pm) for pm in mats]  # kept alive: the refs below point into them
-            self._refs = [ctypes.byref(m) for m in self._structs]
+            self._structs = [_mat(pm) for pm in mats]  # kept alive: the addresses below point into them
             self._addrs = [ctypes.addressof(m) for m in self._structs]
+            self._unit = torch.ones(1)
 
     def __call__(self, x: Tensor) -> Tensor:
-        t = x.shape[0]
         if not self.fast:  # no compiler, or a group size the kernel does not handle
             return expert_ffn_reference(_as_input(x, self.hidden), self.packed, self.bits)
-        if t > self.small_t:
+        if x.shape[0] > self.small_t:
             return expert_ffn(x, self.packed, self.bits, self.kernel, self.small_t)
-        x = _as_input(x, self.hidden)
-        act = torch.empty(t, self.inter, dtype=torch.float32)
-        y = torch.empty(t, self.hidden, dtype=torch.float32)
-        rc = self.kernel.lib.mwq_expert_ffn(
-            *self._refs, self.bits, x.data_ptr(), t, act.data_ptr(), y.data_ptr(), 0, torch.get_num_threads()
-        )
-        if rc:
-            raise ValueError(f"expert shapes unsupported by the CPU kernel (code {rc})")
-        return y
+        return self.kernel.experts_ffn(self.bits, self._addrs, self._unit, _as_input(x, self.hidden), self.inter)
 
     @staticmethod
     def run_many(experts: list[BoundExpert], weights: list[float], x: Tensor) -> Tensor | None:
@@ -165,19 +164,9 @@ class BoundExpert:
             and e.hidden == first.hidden and e.inter == first.inter for e in experts
         ) or x.shape[0] > first.small_t:
             return None
-        x = _as_input(x, first.hidden)
-        n, t = len(experts), x.shape[0]
-        mats = (ctypes.c_void_p * (3 * n))(*[a for e in experts for a in e._addrs])
+        addrs = [a for e in experts for a in e._addrs]
         w = torch.tensor(weights, dtype=torch.float32)
-        act = torch.empty(n, t, first.inter, dtype=torch.float32)
-        y = torch.empty(t, first.hidden, dtype=torch.float32)
-        rc = first.kernel.lib.mwq_experts_ffn(
-            n, mats, first.bits, x.data_ptr(), t, w.data_ptr(), act.data_ptr(), y.data_ptr(), 0,
-            torch.get_num_threads(),
-        )
-        if rc:
-            raise ValueError(f"experts unsupported by the CPU kernel (code {rc})")
-        return y
+        return first.kernel.experts_ffn(first.bits, addrs, w, _as_input(x, first.hidden), first.inter)
 
 
 def load_kernel(cache_dir: Path | None = None, march: str = "native") -> CpuKernel | None:

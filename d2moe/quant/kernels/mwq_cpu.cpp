@@ -17,8 +17,8 @@
 //  * otherwise `row_dot`: each 16-column chunk is decoded in registers by one masked float add per plane
 //    and used for a tile of up to 8 tokens.
 //  * prefill: `mwq_decode` writes float32 rows for a BLAS GEMM.
-// mwq_expert_ffn runs the whole SwiGLU expert in one parallel region (gate/up rows, then down rows);
-// mwq_experts_ffn runs a layer's experts for the same tokens in one region and sums them (decode steps).
+// mwq_experts_ffn runs whole SwiGLU experts (one, or a decode step's chosen experts for the same tokens)
+// in one parallel region (gate/up rows, then down rows) and sums them with their combine weights.
 // Threads: OpenMP over output rows (the process's libgomp, shared with torch).
 // The AVX-512 kernels need group_size % 16 == 0 (masked int16: % 32, GFNI: % 64); the portable path % 8.
 //
@@ -190,36 +190,6 @@ int mwq_decode(const MwqMat* m, int bits, float* w, int nthreads) {
             row_coefficients(*m, bits, r, zc.data(), coef.data());
             decode(*m, r, zc.data(), coef.data(), w + r * m->in);
         }
-    }
-    return 0;
-}
-
-// SwiGLU expert in one parallel region: act = silu(x W1^T) * (x W3^T) [T, I]; y = act W2^T [T, H].
-// `act` is caller-provided scratch [T, I].
-int mwq_expert_ffn(const MwqMat* w1, const MwqMat* w3, const MwqMat* w2, int bits, const float* x, int64_t T,
-                   float* act, float* y, int exact, int nthreads) {
-    if (!supported(*w1, bits) || !supported(*w3, bits) || !supported(*w2, bits)) return -1;
-    const int64_t I = w1->out, H = w1->in;
-    if (w3->out != I || w3->in != H || w2->out != H || w2->in != I) return -2;
-    QuantBuffers qx_buf, qa_buf;
-    QuantX qx_view, qa_view;
-    const QuantX* qx = exact ? nullptr : maybe_quantize(qx_buf, qx_view, *w1, bits, x, T);
-    const QuantX* qa = nullptr;
-#pragma omp parallel num_threads(nthreads)
-    {
-        RowWork g1(*w1, bits), g3(*w3, bits), g2(*w2, bits);
-        std::vector<float> up(T);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < I; ++r) {
-            g1.dot(r, x, H, T, act + r, I, qx);
-            g3.dot(r, x, H, T, up.data(), 1, qx);
-            for (int64_t t = 0; t < T; ++t) act[t * I + r] = silu(act[t * I + r]) * up[t];
-        }  // implicit barrier: act complete
-#pragma omp single
-        qa = exact ? nullptr : maybe_quantize(qa_buf, qa_view, *w2, bits, act, T);
-        // implicit barrier: qa visible to all threads
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < H; ++r) g2.dot(r, act, I, T, y + r, H, qa);
     }
     return 0;
 }
