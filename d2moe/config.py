@@ -104,3 +104,43 @@ class MWQConfig:
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(range(self.min_bits, self.max_bits + 1))
+
+
+Policy = Literal["d2moe", "lru", "hold"]
+POLICIES: tuple[str, ...] = ("d2moe", "lru", "hold")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a store is served: memory budget, expert policy, I/O. Built once from the CLI, passed down."""
+
+    memory_budget: int | None = field(
+        default=None,
+        metadata={"help": "bytes for everything the model holds: dense weights, KV cache, scratch, expert cache "
+                          "(None: room for every expert at 8 bits)"},
+    )
+    context: int = field(default=2048, metadata={"help": "tokens of KV cache reserved (prompt + generated)"})
+    step_tokens: int = field(default=512, metadata={"help": "most tokens one forward step runs (scratch size)"})
+    full_logits: bool = field(default=False, metadata={"help": "steps return logits for every token (eval)"})
+    policy: Policy = field(
+        default="d2moe",
+        metadata={"help": "d2moe: pipelined HEBF + plane cache + prefetch; lru: synchronous reads, LRU cache; "
+                          "hold: every expert resident at the request's width"},
+    )
+    prefetch: bool = field(default=True, metadata={"help": "predict and prefetch the next layer's experts"})
+    max_wait: float | None = field(
+        default=None,
+        metadata={"help": "seconds compute waits for a late high plane before using the planes it has "
+                          "(None: always wait; 0: --no-stall)"},
+    )
+    loader_threads: int = field(default=1, metadata={"help": "I/O threads (one saturates the disks measured here)"})
+    direct_io: bool | None = field(default=None, metadata={"help": "O_DIRECT: None = when the filesystem allows"})
+    record_timeline: bool = field(default=False, metadata={"help": "keep I/O and compute events for plots"})
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.context < 1 or self.step_tokens < 1 or self.loader_threads < 1:
+            raise ValueError("context, step_tokens and loader_threads must be at least 1")
+        if self.max_wait is not None and self.max_wait < 0:
+            raise ValueError("max_wait must be >= 0")

@@ -1,7 +1,7 @@
-"""Serves experts from a store through the compressed-byte cache, with synchronous reads.
+"""Serves experts from a store through the compressed-byte cache, with synchronous reads: the `lru` policy.
 
-Resident experts are yielded first, then missing ones are read (an upgrade reads only the missing planes).
-The pipelined HEBF loader replaces the synchronous part later behind the same `experts()` interface.
+Resident experts are yielded first, then missing ones are read one at a time on the compute thread (an
+upgrade reads only the missing planes). This is the baseline the pipelined provider is measured against.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from d2moe.cache.expert_cache import BudgetError, Entry, ExpertCache
-from d2moe.models.expert_provider import ExpertFn
+from d2moe.models.expert_provider import Demand, ExpertFn, ReadyBatch
 from d2moe.quant.kernels import BoundExpert, load_kernel
 from d2moe.quant.pack import ExpertLayout, unpack_expert
 from d2moe.storage.reader import StoreReader
@@ -22,7 +22,7 @@ class StoreExpertProvider:
         self.reader = reader
         self.cache = cache
         cfg = reader.config
-        self.layout = ExpertLayout(cfg.expert_shapes, cfg.mwq)
+        self.layout = cfg.layout
         self.kernel = load_kernel()  # None: no compiler here, expert_ffn falls back to the torch path
 
     def min_budget(self, bits: int) -> int:
@@ -70,15 +70,24 @@ class StoreExpertProvider:
                 loaded += 1
         return loaded
 
-    def experts(self, layer: int, demands: list[tuple[int, int]]) -> Iterator[tuple[int, int, ExpertFn]]:
-        missing = []
-        for expert, bits in demands:
+    def wants_prefetch(self, layer: int, bits: int) -> bool:
+        return False
+
+    def prefetch(self, layer: int, demands: list[Demand]) -> None:
+        pass
+
+    def experts(self, layer: int, demands: list[Demand], hold: bool = False) -> Iterator[ReadyBatch]:
+        """Entries are tensors kept alive by the functions yielded, so `hold` needs nothing here."""
+        missing, resident = [], []
+        for expert, bits, _ in demands:
             entry = self.cache.get((layer, expert))
             if entry is not None and entry.bits >= bits:
                 self.cache.stats.hits += 1
-                yield expert, bits, self._fn(entry, bits)
+                resident.append((expert, bits, self._fn(entry, bits)))
             else:
                 missing.append((expert, bits))
+        if resident:
+            yield resident
         # Highest width first per expert so one read serves every width of that expert.
         missing.sort(key=lambda d: (d[0], -d[1]))
         for expert, bits in missing:
@@ -88,4 +97,4 @@ class StoreExpertProvider:
             else:
                 self.cache.stats.misses += 1
                 entry = self._load(layer, expert, bits)
-            yield expert, bits, self._fn(entry, bits)
+            yield [(expert, bits, self._fn(entry, bits))]

@@ -20,11 +20,12 @@ from tqdm import tqdm
 from d2moe.config import ModelConfig, MWQConfig
 from d2moe.convert.families import ConversionError, canonical_name, family_for
 from d2moe.models.decoder import MoEDecoder
+from d2moe.models.dense import DenseWeight, quantize_int8, to_stored, wants_int8
 from d2moe.models.expert_provider import TensorExpertProvider
 from d2moe.models.names import EXPERT_MATRICES, expert_name, is_expert_name
 from d2moe.quant.mwq import quantize
 from d2moe.quant.pack import ExpertLayout, pack_expert
-from d2moe.storage.format import TOKENIZER_FILES, StoreConfig
+from d2moe.storage.format import BLOB_ALIGNMENT, TOKENIZER_FILES, StoreConfig
 from d2moe.storage.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def expert_layout(model: ModelConfig, mwq: MWQConfig) -> ExpertLayout:
     for dim, what in ((H, "hidden size"), (I, "expert intermediate size")):
         if dim % mwq.group_size:
             raise ConversionError(f"group size {mwq.group_size} does not divide the {what} {dim}; pass --group-size")
-    return ExpertLayout((("w1", I, H), ("w3", I, H), ("w2", H, I)), mwq)
+    return ExpertLayout((("w1", I, H), ("w3", I, H), ("w2", H, I)), mwq, slice_align=BLOB_ALIGNMENT)
 
 
 class _TensorReader:
@@ -153,9 +154,13 @@ def _calibration(src: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path)) if path.is_file() else {}
 
 
-def _dense_tensor(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def _dense_tensor(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> DenseWeight:
+    """Vectors in fp32; matrices in `dtype` (None: as stored). torch.int8 means per-row int8 (dense.py) for
+    the matrices that go through `linear`/`embedding`, and fp32 for the small rest (routers, gates)."""
     if t.dim() < 2:
         return t.float()
+    if dtype == torch.int8:
+        return quantize_int8(t) if wants_int8(name, t) else t.float()
     return t if dtype is None else t.to(dtype)
 
 
@@ -170,8 +175,9 @@ def convert(
 ) -> Path:
     """Convert `src` into a store at `out` (atomically). Returns `out`.
 
-    Dense matrices are stored in `dense_dtype` (None: as the source stores them); vectors (norms, biases)
-    always in fp32, since they are tiny and feed the fp32 residual stream.
+    Dense matrices are stored in `dense_dtype` (None: as the source stores them; torch.int8: per-row int8
+    with a bf16 scale per row, see models/dense.py); vectors (norms, biases) always in fp32, since they
+    are tiny and feed the fp32 residual stream.
     """
     source = open_source(src)
     model = source.model
@@ -183,8 +189,8 @@ def convert(
     with ExitStack() as stack:
         reader = _TensorReader(stack, source)
         writer = stack.enter_context(StoreWriter(Path(out), store_cfg, overwrite=overwrite))
-        dense = {n: _dense_tensor(reader.get(n), dense_dtype) for n in source.tensors if not is_expert_name(n)}
-        writer.write_dense(dense)
+        dense = {n: _dense_tensor(n, reader.get(n), dense_dtype) for n in source.tensors if not is_expert_name(n)}
+        writer.write_dense(to_stored(dense))
         del dense
         slice_bytes = [layout.slice_bytes(b) for b in mwq.widths]
         bar = tqdm(total=total, desc="quantizing experts", unit="expert", disable=not progress, leave=False)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "smollm2-moe-e8k6-v1"  # bump the suffix when the recipe changes
-STORE_VARIANT = "f16"  # bump when the store settings change (f16: dense matrices stored in float16)
+STORE_VARIANT = "f16-v2"  # bump when the store settings or format change (f16: dense in float16; v2: format 2)
 
 
 def d2moe_home() -> Path:

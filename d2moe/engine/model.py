@@ -1,19 +1,27 @@
-"""Opens a store as a runnable model: dense weights resident, experts through the byte-budgeted cache."""
+"""Opens a store as a runnable model: dense weights resident, experts through a policy's provider, and the
+memory budget split between them (engine/memory.py)."""
 
 from __future__ import annotations
 
 import json
+import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from d2moe.cache.expert_cache import ExpertCache
-from d2moe.config import ModelConfig
+from d2moe.cache.expert_cache import BudgetError, ExpertCache
+from d2moe.cache.pipelined_provider import PipelinedProvider
+from d2moe.cache.plane_cache import PlaneCache
+from d2moe.cache.policy import CachePolicy
 from d2moe.cache.store_provider import StoreExpertProvider
+from d2moe.config import EngineConfig, ModelConfig
+from d2moe.engine.memory import MemoryPlan, plan_memory
+from d2moe.io.loader import SliceLoader
 from d2moe.models.decoder import MoEDecoder
+from d2moe.models.dense import DenseWeight, dense_nbytes, load_dense
+from d2moe.quant.kernels import load_kernel
 from d2moe.storage.format import DENSE_FILE, StoreError
 from d2moe.storage.reader import StoreReader
 
@@ -23,24 +31,46 @@ class LoadedModel:
     path: Path
     decoder: MoEDecoder
     reader: StoreReader
-    cache: ExpertCache
-    provider: StoreExpertProvider
+    provider: StoreExpertProvider | PipelinedProvider
     tokenizer: Tokenizer | None
     dense_bytes: int
     eos_ids: frozenset[int]  # from the model config and the tokenizer's eos_token
+    plan: MemoryPlan
+    engine: EngineConfig
 
     @property
     def config(self) -> ModelConfig:
         return self.decoder.cfg
+
+    @property
+    def cache(self) -> ExpertCache | PlaneCache:
+        return self.provider.cache
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise StoreError(f"{self.path}: no tokenizer.json in the store; convert from a checkpoint that has one")
         return self.tokenizer
 
+    def expert_bytes_read(self) -> int:
+        if isinstance(self.provider, PipelinedProvider):
+            return self.provider.loader.stats.bytes_read
+        return self.reader.stats.bytes_read
 
-def _load_tokenizer(path: Path) -> Tokenizer | None:
-    tok_file = path / "tokenizer.json"
+    def close(self) -> None:
+        """Stop the loader threads and close files (idempotent)."""
+        if isinstance(self.provider, PipelinedProvider):
+            self.provider.close()
+        self.reader.close()
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_tokenizer(path: Path) -> Tokenizer | None:
+    tok_file = Path(path) / "tokenizer.json"
     if not tok_file.is_file():
         return None
     try:
@@ -60,29 +90,87 @@ def _eos_from_tokenizer_config(path: Path, tok: Tokenizer | None) -> set[int]:
     return {tid} if tid is not None else set()
 
 
-def open_model(path: Path, memory_budget: int | None = None) -> LoadedModel:
-    """`memory_budget`: bytes of compressed experts the cache may hold (None: room for every expert at 8 bits)."""
-    path = Path(path)
-    reader = StoreReader(path)
+def _load_dense(path: Path) -> dict[str, DenseWeight]:
     dense_path = path / DENSE_FILE
     try:
-        dense = load_file(str(dense_path))
+        dense = load_dense(dense_path)
     except FileNotFoundError:
         raise StoreError(f"{dense_path}: missing; the store is incomplete") from None
     except Exception as e:
         raise StoreError(f"{dense_path}: cannot read ({e})") from None
-    budget = memory_budget if memory_budget is not None else reader.total_expert_bytes(reader.max_bits)
-    cache = ExpertCache(budget)
-    provider = StoreExpertProvider(reader, cache)
-    decoder = MoEDecoder(reader.config.model, dense, provider)
-    tokenizer = _load_tokenizer(path)
-    return LoadedModel(
+    _drop_page_cache(dense_path)  # the tensors are copies: keep the file's pages out of a memory cgroup
+    return dense
+
+
+def _drop_page_cache(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _provider(reader: StoreReader, engine: EngineConfig, plan: MemoryPlan) -> StoreExpertProvider | PipelinedProvider:
+    cfg = reader.config.model
+    if engine.policy == "lru":
+        return StoreExpertProvider(reader, ExpertCache(plan.experts))
+    layout = reader.config.layout
+    cache = PlaneCache(
+        plan.experts, len(cfg.moe_layers), cfg.num_experts, reader.max_bits, layout.slice_bytes(2),
+        max(layout.slice_bytes(b) for b in range(3, reader.max_bits + 1)) if reader.max_bits > 2 else 4096,
+        CachePolicy("d2moe"),
+    )
+    loader = SliceLoader(str(reader.experts_path), engine.loader_threads, engine.direct_io, engine.record_timeline)
+    cls = HoldProvider if engine.policy == "hold" else PipelinedProvider
+    max_wait = engine.max_wait if engine.policy == "d2moe" else None
+    return cls(reader, cache, loader, load_kernel(), max_wait)
+
+
+class HoldProvider(PipelinedProvider):
+    """The `hold` policy: every expert read once at the request's width before the first step."""
+
+    def check_budget(self, bits: int) -> None:
+        total = self.cache.E * len(self.layers)
+        if self.preload(bits) < total:
+            need = total * (self.layout.prefix_bytes(bits))
+            raise BudgetError(
+                f"policy hold: every expert at {bits} bits needs {need / 2**20:.1f} MiB of expert cache, the budget "
+                f"leaves {self.cache.budget_bytes / 2**20:.1f} MiB; raise --memory-budget or use --policy d2moe"
+            )
+
+
+def open_model(path: Path, engine: EngineConfig | None = None) -> LoadedModel:
+    """Open a store under `engine` (default: every expert fits at 8 bits, pipelined d2moe policy)."""
+    engine = engine or EngineConfig()
+    path = Path(path)
+    reader = StoreReader(path)
+    try:
+        dense = _load_dense(path)
+        dense_bytes = dense_nbytes(dense)
+        cfg = reader.config.model
+        layout = reader.config.layout
+        all_experts = len(cfg.moe_layers) * cfg.num_experts * layout.prefix_bytes(reader.max_bits)
+        plan = plan_memory(cfg, engine, dense_bytes, layout, all_experts)
+        provider = _provider(reader, engine, plan)
+    except BaseException:
+        reader.close()
+        raise
+    decoder = MoEDecoder(cfg, dense, provider, prefetch=engine.prefetch and engine.policy == "d2moe")
+    tokenizer = load_tokenizer(path)
+    model = LoadedModel(
         path=path,
         decoder=decoder,
         reader=reader,
-        cache=cache,
         provider=provider,
         tokenizer=tokenizer,
-        dense_bytes=sum(t.numel() * t.element_size() for t in dense.values()),
-        eos_ids=frozenset(reader.config.model.eos_token_ids) | _eos_from_tokenizer_config(path, tokenizer),
+        dense_bytes=dense_bytes,
+        eos_ids=frozenset(cfg.eos_token_ids) | _eos_from_tokenizer_config(path, tokenizer),
+        plan=plan,
+        engine=engine,
     )
+    if isinstance(provider, PipelinedProvider):  # no loader thread outlives a model nobody closed
+        weakref.finalize(model, provider.loader.close)
+    return model

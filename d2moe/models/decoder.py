@@ -7,17 +7,24 @@ import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import ExpertProvider
-from d2moe.models.layers import KVCache, Rope, attention, linear, rms_norm, swiglu
-from d2moe.models.moe import moe_block
+from d2moe.models.layers import KVCache, Rope, attention, embedding, linear, rms_norm, swiglu
+from d2moe.models.moe import moe_block, predict_demands
+
+PREFETCH_MAX_TOKENS = 4  # predict the next layer's experts only in decode-sized steps (prefill needs them all)
 
 
 class MoEDecoder:
     """Holds the dense (always resident) weights; experts come from `provider` on demand."""
 
-    def __init__(self, cfg: ModelConfig, dense: dict[str, torch.Tensor], provider: ExpertProvider) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dense: dict[str, torch.Tensor], provider: ExpertProvider, prefetch: bool = False
+    ) -> None:
         self.cfg = cfg
         self.w = dense
         self.provider = provider
+        self.prefetch = prefetch
+        moe = cfg.moe_layers
+        self.next_moe = {a: b for a, b in zip(moe, moe[1:])}  # layer -> the MoE layer after it
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.max_position)
         self.lm_head = dense["embed"] if cfg.tie_word_embeddings else dense["lm_head"]
         self._check_weights()
@@ -44,7 +51,7 @@ class MoEDecoder:
         cfg, w = self.cfg, self.w
         B, T = tokens.shape
         token_bits = bits if isinstance(bits, torch.Tensor) else torch.full((B, T), int(bits))
-        h = F.embedding(tokens, w["embed"]).float()  # the residual stream is fp32 whatever the storage
+        h = embedding(tokens, w["embed"])  # the residual stream is fp32 whatever the storage
         for L in range(cfg.num_layers):
             p = f"layers.{L}."
             h = h + attention(rms_norm(h, w[p + "attn_norm"], cfg.rms_norm_eps), w, p, cfg, self.rope, cache, L)
@@ -52,7 +59,14 @@ class MoEDecoder:
             if L in cfg.dense_layers:
                 h = h + swiglu(x, w[p + "ffn.w1"], w[p + "ffn.w3"], w[p + "ffn.w2"])
             else:
-                y = moe_block(x.reshape(B * T, -1), w, p, L, cfg, self.provider, token_bits.reshape(-1))
+                flat_bits = token_bits.reshape(-1)
+                nxt = self.next_moe.get(L)
+                if (self.prefetch and nxt is not None and B * T <= PREFETCH_MAX_TOKENS
+                        and self.provider.wants_prefetch(nxt, int(flat_bits.max()))):
+                    # the next MoE layer's router on this layer's residual stream, normed as that layer will
+                    guess_x = rms_norm(h, w[f"layers.{nxt}.ffn_norm"], cfg.rms_norm_eps).reshape(B * T, -1)
+                    self.provider.prefetch(nxt, predict_demands(guess_x, w[f"layers.{nxt}.router"], cfg, flat_bits))
+                y = moe_block(x.reshape(B * T, -1), w, p, L, cfg, self.provider, flat_bits)
                 h = h + y.view(B, T, -1)
         cache.length += T
         if last_only:

@@ -1,8 +1,10 @@
 """The interface between the MoE block and wherever expert weights live.
 
-The block states its demand set for a layer, a list of (expert, bits), and consumes experts in the order
-the provider makes them ready (resident ones first), like mixtral-offloading's `load_experts` generator.
-This is where the pipelined HEBF loader slots in later without changing the block.
+The block states its demand set for a layer, a list of (expert, bits, tokens), and consumes experts in
+batches, in the order the provider makes them ready (resident ones first), like mixtral-offloading's
+`load_experts` generator: a batch is everything ready now, so a decode step can run it in one kernel call
+while the provider's loader keeps reading. A provider may hand back an expert at a lower width than
+demanded (graceful degradation); the block does not need to know.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from d2moe.models.layers import swiglu
 from d2moe.models.names import expert_name
 
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]  # x [T, H] float32 -> y [T, H] float32
+Demand = tuple[int, int, int]  # (expert, bits, tokens that chose it at that width)
+ReadyBatch = list[tuple[int, int, ExpertFn]]  # (expert, demanded bits, fn) for every expert ready now
 
 
 def weighted_sum(fns: list[ExpertFn], weights: list[float], x: torch.Tensor) -> torch.Tensor:
@@ -31,8 +35,17 @@ def weighted_sum(fns: list[ExpertFn], weights: list[float], x: torch.Tensor) -> 
 
 
 class ExpertProvider(Protocol):
-    def experts(self, layer: int, demands: list[tuple[int, int]]) -> Iterator[tuple[int, int, ExpertFn]]:
-        """Yield (expert, bits, fn) for every demanded (expert, bits), in ready order."""
+    def experts(self, layer: int, demands: list[Demand], hold: bool = False) -> Iterator[ReadyBatch]:
+        """Yield batches covering every demanded (expert, bits) exactly once, in ready order. A batch's
+        functions stay valid until the generator resumes, or with `hold` until it is exhausted."""
+        ...
+
+    def wants_prefetch(self, layer: int, bits: int) -> bool:
+        """Whether a prediction for `layer` could help (False: skip computing it)."""
+        ...
+
+    def prefetch(self, layer: int, demands: list[Demand]) -> None:
+        """A hint: `layer` will probably demand these soon (providers without I/O ignore it)."""
         ...
 
 
@@ -42,7 +55,15 @@ class TensorExpertProvider:
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = tensors
 
-    def experts(self, layer: int, demands: list[tuple[int, int]]) -> Iterator[tuple[int, int, ExpertFn]]:
-        for expert, bits in demands:
+    def experts(self, layer: int, demands: list[Demand], hold: bool = False) -> Iterator[ReadyBatch]:
+        batch: ReadyBatch = []
+        for expert, bits, _ in demands:
             w1, w3, w2 = (self.tensors[expert_name(layer, expert, m)] for m in ("w1", "w3", "w2"))
-            yield expert, bits, lambda x, w1=w1, w3=w3, w2=w2: swiglu(x, w1, w3, w2)
+            batch.append((expert, bits, lambda x, w1=w1, w3=w3, w2=w2: swiglu(x, w1, w3, w2)))
+        yield batch
+
+    def wants_prefetch(self, layer: int, bits: int) -> bool:
+        return False
+
+    def prefetch(self, layer: int, demands: list[Demand]) -> None:
+        pass

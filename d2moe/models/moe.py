@@ -49,24 +49,43 @@ def _many_tokens(
     flat_weight = routing.weight.reshape(-1)
     flat_token = torch.arange(xf.shape[0]).repeat_interleave(cfg.top_k)
     keys = flat_expert * 16 + flat_bits  # one key per (expert, bits) pair
-    unique_keys = torch.unique(keys).tolist()
-    demands = [(k // 16, k % 16) for k in unique_keys]
+    unique_keys, counts = torch.unique(keys, return_counts=True)
+    demands = [(k // 16, k % 16, n) for k, n in zip(unique_keys.tolist(), counts.tolist())]
 
+    # Experts are computed as they become ready (overlapping the loads still running); their outputs are
+    # summed afterwards in (expert, bits) order, so the result does not depend on arrival order.
+    parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    for batch in provider.experts(layer, demands):
+        for expert, b, fn in batch:
+            key = expert * 16 + b
+            sel = (keys == key).nonzero().squeeze(1)
+            tokens = flat_token[sel]
+            parts.append((key, tokens, fn(xf[tokens]) * flat_weight[sel, None]))
     out = torch.zeros_like(xf)
-    for expert, b, fn in provider.experts(layer, demands):
-        sel = (keys == expert * 16 + b).nonzero().squeeze(1)
-        tokens = flat_token[sel]
-        y = fn(xf[tokens])
-        out.index_add_(0, tokens, y * flat_weight[sel, None])
+    for _, tokens, y in sorted(parts, key=lambda p: p[0]):
+        out.index_add_(0, tokens, y)
     return out
 
 
 def _one_token(xf: torch.Tensor, routing: Routing, bits: int, layer: int, provider: ExpertProvider) -> torch.Tensor:
-    """Decode step: k distinct experts at one width, no grouping; run together once all are ready."""
+    """Decode step: k distinct experts at one width, no grouping. One token's experts cost a fraction of a
+    millisecond against milliseconds per read, so they run together in one kernel call once all are ready,
+    in routing order: every policy and arrival order gives bit-identical results."""
     weight = routing.weight[0].tolist()
-    slot = {e: i for i, e in enumerate(routing.idx[0].tolist())}
-    ready = list(provider.experts(layer, [(e, bits) for e in slot]))
-    return weighted_sum([fn for _, _, fn in ready], [weight[slot[e]] for e, _, _ in ready], xf)
+    order = routing.idx[0].tolist()
+    fns: dict[int, object] = {}
+    for batch in provider.experts(layer, [(e, bits, 1) for e in order], hold=True):
+        fns.update((e, fn) for e, _, fn in batch)
+    return weighted_sum([fns[e] for e in order], weight, xf)
+
+
+def predict_demands(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig, token_bits: torch.Tensor) -> list:
+    """Cross-layer prediction (HOBBIT, AdapMoE): the next MoE layer's router applied to this layer's input
+    guesses its experts; returns (expert, bits, tokens) demands to prefetch."""
+    idx = route(x, router, cfg).idx  # [T, k]
+    bits = token_bits.view(-1, 1).expand_as(idx)
+    keys, counts = torch.unique(idx.reshape(-1) * 16 + bits.reshape(-1), return_counts=True)
+    return [(k // 16, k % 16, n) for k, n in zip(keys.tolist(), counts.tolist())]
 
 
 def moe_block(
@@ -77,9 +96,10 @@ def moe_block(
     cfg: ModelConfig,
     provider: ExpertProvider,
     token_bits: torch.Tensor,
+    routing: Routing | None = None,
 ) -> torch.Tensor:
     """x [T,H] (normed hidden), token_bits [T] width per token -> [T,H]."""
-    routing = route(x, w[prefix + "router"], cfg)
+    routing = routing if routing is not None else route(x, w[prefix + "router"], cfg)
     if x.shape[0] == 1:
         out = _one_token(x.float(), routing, int(token_bits[0]), layer, provider)
     else:

@@ -87,8 +87,11 @@ class ExpertLayout:
 
     shapes: tuple[tuple[str, int, int], ...]  # (name, out, in) in blob order
     cfg: MWQConfig
+    slice_align: int = ALIGN  # every slice starts on a multiple (stores use 4 KiB: a slice is an O_DIRECT read)
 
     def __post_init__(self) -> None:
+        if self.slice_align % ALIGN:
+            raise ValueError(f"slice alignment {self.slice_align} must be a multiple of {ALIGN}")
         names = [s[0] for s in self.shapes]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"matrix names must be unique and non-empty: {names}")
@@ -97,9 +100,10 @@ class ExpertLayout:
                 raise ValueError(f"{name}: shape ({out}, {n_in}) must be positive with in % {self.cfg.group_size} == 0")
 
     @classmethod
-    def swiglu(cls, hidden: int, intermediate: int, cfg: MWQConfig) -> ExpertLayout:
+    def swiglu(cls, hidden: int, intermediate: int, cfg: MWQConfig, slice_align: int = ALIGN) -> ExpertLayout:
         """The canonical expert: w1 gate [I, H], w3 up [I, H], w2 down [H, I]."""
-        return cls((("w1", intermediate, hidden), ("w3", intermediate, hidden), ("w2", hidden, intermediate)), cfg)
+        shapes = (("w1", intermediate, hidden), ("w3", intermediate, hidden), ("w2", hidden, intermediate))
+        return cls(shapes, cfg, slice_align)
 
     @cached_property
     def _table(self) -> dict[tuple[int, str], dict[str, int]]:
@@ -120,6 +124,7 @@ class ExpertLayout:
                     entry["bits"] = pos
                     pos += _pad(out * n_in // 8)
                 table[(bits, name)] = entry
+            pos = -(-pos // self.slice_align) * self.slice_align
             table[(bits, "")] = {"end": pos}
         return table
 
@@ -134,9 +139,13 @@ class ExpertLayout:
         check_bits(bits, self.cfg.max_bits)
         return self._table[(bits, "")]["end"]
 
+    def slice_start(self, bits: int) -> int:
+        """Byte offset of slice `bits` inside the blob (a multiple of slice_align)."""
+        return self.prefix_bytes(bits - 1) if bits > 2 else 0
+
     def slice_bytes(self, bits: int) -> int:
         """Bytes of slice `bits` alone: what upgrading from bits-1 to bits reads."""
-        return self.prefix_bytes(bits) - (self.prefix_bytes(bits - 1) if bits > 2 else 0)
+        return self.prefix_bytes(bits) - self.slice_start(bits)
 
 
 # ----------------------------------------------------------------------------------------------- packing
@@ -179,6 +188,7 @@ def pack_slice(layout: ExpertLayout, weights: dict[str, NestedWeight], bits: int
                 chunks.append(_fp16_bytes(q.plane_scales[bits - 3]))
             chunks.append(pack_bits(q.planes[bits - 3]).numpy().tobytes())
     data = _padded(chunks)
+    data += bytes(layout.slice_bytes(bits) - len(data))  # up to the slice alignment
     assert len(data) == layout.slice_bytes(bits)
     return data
 
@@ -208,36 +218,71 @@ def unpack_expert(layout: ExpertLayout, buf: Buffer, bits: int) -> dict[str, Pac
     raw = as_uint8(buf)
     if raw.numel() < need:
         raise ValueError(f"buffer holds {raw.numel()} bytes, a {bits}-bit expert needs {need}")
-    if raw.storage_offset() % 2:
-        raise ValueError("buffer must start on an even byte (float16 views); store blobs are 4 KiB aligned")
-    gs = layout.cfg.group_size
+    slices = [raw[layout.slice_start(b) : layout.prefix_bytes(b)] for b in range(2, bits + 1)]
+    return unpack_slices(layout, slices)
+
+
+def unpack_slices(layout: ExpertLayout, slices: list[Buffer]) -> dict[str, PackedMatrix]:
+    """Views of the expert whose slices 2, 3, ... are `slices` (each its own buffer, e.g. a cache slot;
+    the width is len(slices) + 1); no copy. The contiguous blob prefix is the special case above."""
+    return assemble_expert(layout, [slice_arrays(layout, b, buf) for b, buf in zip(range(2, len(slices) + 2), slices)])
+
+
+SliceArrays = dict[str, dict[str, Tensor]]  # matrix name -> {"offset", "base_scale", "base"} or {"scale"?, "bits"}
+
+
+def slice_arrays(layout: ExpertLayout, bits: int, buf: Buffer) -> SliceArrays:
+    """Typed views of the arrays of slice `bits` held in `buf`. A cache slot always holds a slice of the same
+    kind at the same place, so these views can be made once per slot and reused for whatever it holds."""
+    check_bits(bits, layout.cfg.max_bits)
+    raw = as_uint8(buf)
+    if raw.numel() < layout.slice_bytes(bits):
+        raise ValueError(f"slice {bits} buffer holds {raw.numel()} bytes, it needs {layout.slice_bytes(bits)}")
+    if raw.storage_offset() % 2 or raw.data_ptr() % 2:
+        raise ValueError("slice buffers must start on an even byte (float16 views); store slices are 4 KiB aligned")
+    gs, start = layout.cfg.group_size, layout.slice_start(bits)
+    out: SliceArrays = {}
+    for name, rows, n_in in layout.shapes:
+        table = layout._table[(bits, name)]
+
+        def at(key: str, n: int, table: dict = table) -> Tensor:
+            return raw[table[key] - start : table[key] - start + n]
+
+        scale_bytes = rows * (n_in // gs) * 2
+        if bits == 2:
+            arrays = {
+                "offset": at("offset", scale_bytes).view(torch.float16).view(rows, n_in // gs),
+                "base_scale": at("base_scale", scale_bytes).view(torch.float16).view(rows, n_in // gs),
+                "base": at("base", rows * n_in // 4).view(rows, 2, n_in // 8),
+            }
+        else:
+            arrays = {"bits": at("bits", rows * n_in // 8).view(rows, n_in // 8)}
+            if "scale" in table:
+                arrays["scale"] = at("scale", scale_bytes).view(torch.float16).view(rows, n_in // gs)
+        out[name] = arrays
+    return out
+
+
+def assemble_expert(layout: ExpertLayout, slices: list[SliceArrays]) -> dict[str, PackedMatrix]:
+    """The expert at width len(slices) + 1 from the views of its slices 2, 3, ..."""
+    bits = len(slices) + 1
+    check_bits(bits, layout.cfg.max_bits)
     out_m: dict[str, PackedMatrix] = {}
-    for name, out, n_in in layout.shapes:
-        n_g = n_in // gs
-
-        def fp16(at: int, out: int = out, n_g: int = n_g) -> Tensor:
-            return raw[at : at + out * n_g * 2].view(torch.float16).view(out, n_g)
-
-        first = layout._table[(2, name)]
-        scales: list[Tensor] = []
-        planes: list[Tensor] = []
-        for b in range(3, bits + 1):
-            e = layout._table[(b, name)]
-            if "scale" in e:
-                scales.append(fp16(e["scale"]))
-            planes.append(raw[e["bits"] : e["bits"] + out * n_in // 8].view(out, n_in // 8))
+    for name, rows, n_in in layout.shapes:
+        base = slices[0][name]
+        planes = [s[name] for s in slices[1:]]
         out_m[name] = PackedMatrix(
             name=name,
-            out_features=out,
+            out_features=rows,
             in_features=n_in,
-            group_size=gs,
+            group_size=layout.cfg.group_size,
             method=layout.cfg.method,
             bits=bits,
-            offset=fp16(first["offset"]),
-            base_scale=fp16(first["base_scale"]),
-            base=raw[first["base"] : first["base"] + out * n_in // 4].view(out, 2, n_in // 8),
-            plane_scales=tuple(scales),
-            planes=tuple(planes),
+            offset=base["offset"],
+            base_scale=base["base_scale"],
+            base=base["base"],
+            plane_scales=tuple(p["scale"] for p in planes if "scale" in p),
+            planes=tuple(p["bits"] for p in planes),
         )
     return out_m
 

@@ -2,10 +2,13 @@
 
 A store is a directory:
   config.json         {"format": "d2moe-store", "format_version": 1, "model": ModelConfig, "mwq": MWQConfig, ...}
-  dense.safetensors   everything that is not a routed expert (always resident)
-  experts.bin         one blob per (layer, expert), each starting on a 4 KiB boundary so it can be read with
-                      O_DIRECT; inside a blob, slices are ordered by significance (see quant/pack.py), so the
-                      b-bit expert is the prefix that ends with slice b
+  dense.safetensors   everything that is not a routed expert (always resident); matrices in float, or (convert
+                      --dense-dtype int8) per-row int8: `name` int8 [out, in] + `name.scale` bfloat16 [out],
+                      W = q * scale[:, None] (models/dense.py); vectors, routers and gates stay float32
+  experts.bin         one blob per (layer, expert), each starting on a 4 KiB boundary; inside a blob, slices are
+                      ordered by significance (see quant/pack.py), so the b-bit expert is the prefix that ends
+                      with slice b, and (since version 2) every slice starts and ends on a 4 KiB boundary: a
+                      slice is one O_DIRECT read and one unit of the expert cache
   index.json          per blob: layer, expert, offset, prefix length per width, CRC32 per slice
   tokenizer files     tokenizer.json, tokenizer_config.json (when the source had them)
   calibration.json    optional: per-expert popularity and sensitivity
@@ -19,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.config import ModelConfig, MWQConfig
+from d2moe.quant.pack import ExpertLayout
 
 FORMAT_NAME = "d2moe-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: slices 4 KiB aligned inside blobs
 BLOB_ALIGNMENT = 4096
 CONFIG_FILE = "config.json"
 DENSE_FILE = "dense.safetensors"
@@ -70,6 +74,11 @@ class StoreConfig:
     mwq: MWQConfig
     expert_shapes: tuple[tuple[str, int, int], ...]
     source: str = ""
+
+    @property
+    def layout(self) -> ExpertLayout:
+        """Byte layout of every expert blob of this store."""
+        return ExpertLayout(self.expert_shapes, self.mwq, slice_align=BLOB_ALIGNMENT)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -7,6 +7,7 @@ import torch
 
 from d2moe.cache.expert_cache import BudgetError
 from d2moe.convert.convert import convert
+from d2moe.config import EngineConfig
 from d2moe.engine.model import open_model
 
 
@@ -19,18 +20,26 @@ def _logits(model, ids, bits):
     return model.decoder.forward(ids, model.decoder.new_cache(1, ids.shape[1]), bits)
 
 
+def _lru(store, expert_budget=None):
+    full = open_model(store, EngineConfig(policy="lru"))
+    if expert_budget is None:
+        return full
+    rest = full.plan.budget - full.plan.experts  # dense + KV + scratch
+    return open_model(store, EngineConfig(policy="lru", memory_budget=rest + expert_budget))
+
+
 def test_tiny_budget_gives_same_logits(store):
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
-    full = open_model(store)
-    one = full.provider.min_budget(8)
-    tight = open_model(store, memory_budget=one)
+    full = _lru(store)
+    one = 2 * full.provider.min_budget(8)  # the plan's minimum holds top-k (2) experts' bases; 8 bits needs more
+    tight = _lru(store, one)
     torch.testing.assert_close(_logits(tight, ids, 8), _logits(full, ids, 8), rtol=0, atol=0)
     assert tight.cache.stats.peak_bytes <= one
     assert tight.cache.stats.evictions > 0
 
 
 def test_upgrade_reads_only_missing_planes(store):
-    model = open_model(store)
+    model = _lru(store)
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     _logits(model, ids, 3)
     after3 = model.reader.stats.bytes_read
@@ -45,7 +54,7 @@ def test_upgrade_reads_only_missing_planes(store):
 
 
 def test_lower_width_reuses_resident_prefix(store):
-    model = open_model(store)
+    model = _lru(store)
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     _logits(model, ids, 8)
     read = model.reader.stats.bytes_read
@@ -54,6 +63,7 @@ def test_lower_width_reuses_resident_prefix(store):
 
 
 def test_budget_below_one_expert_is_an_error(store):
-    model = open_model(store, memory_budget=100)
+    base = _lru(store).provider.layout.slice_bytes(2)
+    model = _lru(store, 2 * base)  # room for the plan's minimum (two 2-bit bases), not for one 8-bit expert
     with pytest.raises(BudgetError, match="below one 8-bit expert"):
         model.provider.check_budget(8)

@@ -72,10 +72,11 @@ class CpuKernel:
         self.lib.mwq_experts_ffn.argtypes = [i32, vp, i32, vp, i64, vp, vp, vp, i32, i32]
         for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_experts_ffn):
             f.restype = i32
+        object.__setattr__(self, "_avx512", bool(self.lib.mwq_has_avx512()))  # asked once, not per expert
 
     @property
     def avx512(self) -> bool:
-        return bool(self.lib.mwq_has_avx512())
+        return self._avx512
 
     def supports(self, pm: PackedMatrix) -> bool:
         """The AVX-512 path needs 16-column chunks inside a group; the portable one 8."""

@@ -1,0 +1,112 @@
+"""One d2moe generation in a fresh process, measured phase by phase; prints one JSON object.
+
+The benchmark parent (benchmarks/bench.py) runs this under a memory cgroup with cold caches:
+
+    python -m benchmarks.bench_child --model STORE --budget BYTES --policy d2moe --bits 8 \
+        --prompt-tokens 64 --tokens 32 [--no-stall] [--no-prefetch] [--timeline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--budget", type=int, default=None)
+    ap.add_argument("--policy", default="d2moe")
+    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-stall", action="store_true")
+    ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--timeline", action="store_true", help="keep I/O and wait events of the decode phase")
+    ap.add_argument("--idle", action="store_true", help="import everything, open nothing: the fixed overhead")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from d2moe.config import EngineConfig
+    from d2moe.engine.generate import Request, generate
+    from d2moe.engine.model import load_tokenizer, open_model
+    from d2moe.engine.sampling import SamplingParams
+
+    if args.idle:
+        load_tokenizer(args.model)
+        print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+        return 0
+    tok = load_tokenizer(args.model)
+    text = "The history of the city begins with a small settlement on the river, where traders met " * 40
+    ids = tuple(tok.encode(text, add_special_tokens=False).ids[: args.prompt_tokens])
+    engine = EngineConfig(
+        memory_budget=args.budget, context=len(ids) + args.tokens, step_tokens=len(ids), policy=args.policy,
+        prefetch=not args.no_prefetch, max_wait=0.0 if args.no_stall else None, record_timeline=args.timeline,
+    )
+    t_open = time.perf_counter()
+    model = open_model(args.model, engine)
+    open_seconds = time.perf_counter() - t_open
+
+    def snapshot() -> dict:
+        p = getattr(model.provider, "stats", None)
+        loader = getattr(model.provider, "loader", None)
+        return {
+            "t": time.perf_counter(),
+            "read": model.expert_bytes_read(),
+            "needed": getattr(p, "needed_bytes", 0),
+            "busy": loader.stats.busy_seconds if loader else 0.0,
+            "wait": p.io_wait_seconds if p else 0.0,
+        }
+
+    params = SamplingParams(max_tokens=args.tokens, stop_on_eos=False)
+    out: list[int] = []
+    s0 = snapshot()
+    gen = generate(model, Request(ids, params, args.bits))
+    out.append(next(gen))
+    s1 = snapshot()
+    out.extend(gen)
+    s2 = snapshot()
+    decode_steps = len(out) - 1
+    wall = s2["t"] - s1["t"]
+    res = {
+        "policy": args.policy,
+        "bits": args.bits,
+        "budget": args.budget,
+        "plan": model.plan.__dict__,
+        "open_seconds": open_seconds,
+        "prompt_tokens": len(ids),
+        "prefill_tokens_per_s": len(ids) / (s1["t"] - s0["t"]),
+        "decode_tokens_per_s": decode_steps / wall,
+        "decode_bytes_read_per_token": (s2["read"] - s1["read"]) / decode_steps,
+        "decode_bytes_needed_per_token": (s2["needed"] - s1["needed"]) / decode_steps,
+        "disk_busy_fraction": (s2["busy"] - s1["busy"]) / wall,
+        "compute_idle_fraction": (s2["wait"] - s1["wait"]) / wall,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "text": tok.decode(out),
+        "tokens": out,
+    }
+    p = getattr(model.provider, "stats", None)
+    if p is not None:
+        res["degraded"] = {f"{a}->{b}": n for (a, b), n in p.degraded.items()}
+        rates = p.prediction_hit_rate()
+        res["prediction_hit_rate"] = sum(rates.values()) / len(rates) if rates else None
+        res["loader_mode"] = model.provider.loader.mode
+        if args.timeline:
+            t0 = s1["t"]
+            res["timeline"] = {
+                "io": [(a - t0, b - t0, layer) for a, b, layer, _, _ in model.provider.loader.stats.events if a >= t0],
+                "wait": [(a - t0, b - t0) for a, b in p.wait_events if a >= t0],
+            }
+    model.close()
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

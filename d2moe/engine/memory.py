@@ -1,0 +1,79 @@
+"""One memory budget a user understands: what the model holds, split and checked at start.
+
+    budget = dense weights + KV cache + scratch + expert cache
+
+Dense weights are measured (bytes of the loaded tensors); the KV cache is reserved for `context` tokens;
+scratch is an upper estimate of a step's activations (the peak-RSS benchmark checks it); the expert cache
+(the arena) gets the rest. The smallest budget that runs holds, besides the rest, the base slices of one
+layer's chosen experts (top-k at 2 bits): below it is a clear error naming that minimum. The process's
+fixed cost (interpreter, torch, tokenizer) comes on top and is reported apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from d2moe.config import EngineConfig, ModelConfig
+from d2moe.cache.expert_cache import BudgetError
+from d2moe.quant.pack import ExpertLayout
+from d2moe.util.sizes import format_size
+
+F32 = 4
+SMALL_T = 16  # the expert kernel's few-token path needs no decoded-matrix scratch (quant/kernels/cpu.py)
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
+    """fp32 keys and values of every layer for `context` positions."""
+    return 2 * cfg.num_layers * batch * cfg.num_kv_heads * context * cfg.head_dim * F32
+
+
+def scratch_bytes(cfg: ModelConfig, step_tokens: int, context: int, full_logits: bool) -> int:
+    """Upper estimate of one step's live activations (fp32): residual stream and attention, attention
+    scores when materialised, the MoE block's per-expert activations, the logits, and for long steps the
+    expert matrices decoded to float for a GEMM."""
+    T, H = step_tokens, cfg.hidden_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    hidden = T * (6 * H + 2 * qkv) * F32
+    scores = T * context * cfg.num_heads * F32 if T > 1 else 0
+    ffn = max(cfg.top_k * 2 * cfg.expert_intermediate + 2 * H, 3 * cfg.dense_intermediate,
+              3 * cfg.shared_expert_intermediate)
+    moe = T * ffn * F32
+    inter = max(cfg.expert_intermediate, cfg.dense_intermediate)
+    logits = (T if full_logits else 1) * cfg.vocab_size * F32 * 2  # logits + log-softmax
+    decoded = 3 * H * inter * F32 if T > SMALL_T else 0
+    return hidden + scores + moe + logits + decoded
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int
+    dense: int
+    kv_cache: int
+    scratch: int
+    experts: int  # the expert cache arena
+    minimum: int  # the smallest budget that runs this configuration
+
+    def describe(self) -> str:
+        parts = ", ".join(
+            f"{k.replace('_', ' ')} {format_size(v)}" for k, v in asdict(self).items() if k not in ("budget", "minimum")
+        )
+        return f"memory budget {format_size(self.budget)}: {parts} (minimum {format_size(self.minimum)})"
+
+
+def plan_memory(cfg: ModelConfig, engine: EngineConfig, dense_bytes: int, layout: ExpertLayout,
+                all_experts_bytes: int) -> MemoryPlan:
+    """Split the budget, or raise BudgetError naming the minimum."""
+    kv = kv_cache_bytes(cfg, engine.context)
+    scratch = scratch_bytes(cfg, engine.step_tokens, engine.context, engine.full_logits)
+    fixed = dense_bytes + kv + scratch
+    one_layer = cfg.top_k * layout.slice_bytes(2)
+    minimum = fixed + one_layer
+    budget = engine.memory_budget if engine.memory_budget is not None else fixed + all_experts_bytes
+    if budget < minimum:
+        raise BudgetError(
+            f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this model "
+            f"and context: dense weights {format_size(dense_bytes)} + KV cache {format_size(kv)} "
+            f"({engine.context} tokens) + scratch {format_size(scratch)} + one layer's {cfg.top_k} experts at "
+            f"2 bits {format_size(one_layer)}"
+        )
+    return MemoryPlan(budget, dense_bytes, kv, scratch, budget - fixed, minimum)
