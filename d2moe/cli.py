@@ -227,6 +227,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(bench_args: list[str]) -> int:
+    """Run benchmarks/bench.py from the source tree (benchmarks are not part of an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "bench.py").is_file():
+        print(f"d2moe: error: {root}/benchmarks not found; `d2moe bench` runs from a source checkout",
+              file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "benchmarks.bench", *bench_args], cwd=root)
+
+
 def cmd_build_default(args: argparse.Namespace) -> int:
     from d2moe.default_model.setup import ensure_default_model
 
@@ -305,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     cv.set_defaults(fn=cmd_convert)
 
+    sub.add_parser("bench", help="memory-starved benchmark against llama.cpp (root, cgroups; minutes); "
+                   "`d2moe bench --help` for its options")
+
     bd = sub.add_parser("build-default", help="build the built-in default model (MoEfied SmolLM2)")
     bd.add_argument("--force", action="store_true", help="rebuild even if built")
     bd.set_defaults(fn=cmd_build_default)
@@ -312,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options belong to benchmarks/bench.py
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="d2moe: %(message)s", stream=sys.stderr

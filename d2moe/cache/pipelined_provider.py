@@ -40,7 +40,7 @@ DEMAND, PREFETCH = 0, 1  # priority classes of the I/O queue
 @dataclass
 class PipelineStats:
     io_wait_seconds: float = 0.0  # compute thread blocked on a read (the bubbles)
-    needed_bytes: int = 0  # bytes the demanded widths lacked when their layer started (what must be read)
+    needed_bytes: int = 0  # bytes the demanded widths lacked before their layer's prefetch and demand reads
     wait_events: list[tuple[float, float]] = field(default_factory=list)  # (t0, t1) of waits, if recorded
     degraded: Counter = field(default_factory=Counter)  # (demanded, used) width -> expert computations
     computed: int = 0  # expert computations yielded
@@ -177,10 +177,6 @@ class PipelinedProvider:
         self._record_prediction(pos, set(want))
         self._cancel_prefetches(pos, set(want))
         self.cache.visit(pos, want)
-        self.stats.needed_bytes += sum(
-            self._prefix(b) - self._prefix(int(self.cache.ready[pos, e])) for e, b in want.items()
-            if self.cache.ready[pos, e] < b
-        )
         for e, b, _ in demands:
             if self.cache.resident_bits(pos, e) >= b:
                 self.cache.stats.hits += 1
@@ -195,8 +191,7 @@ class PipelinedProvider:
                 yield [(e, b, self._fn(pos, e, b)) for e, b, _ in demands]
                 self.stats.computed += len(demands)
             finally:
-                for e in pinned:
-                    self.cache.unpin(pos, e)
+                self._done_with(pos, want, pinned)
             return
         clock = self.cache.clock
         try:
@@ -252,8 +247,12 @@ class PipelinedProvider:
                 if self.loader.record:
                     self.stats.wait_events.append((t0, t1))
         finally:
-            for e in pinned:
-                self.cache.unpin(pos, e)
+            self._done_with(pos, want, pinned)
+
+    def _done_with(self, pos: int, want: dict[int, int], pinned: set[int]) -> None:
+        for e in pinned:
+            self.cache.unpin(pos, e)
+        self.stats.needed_bytes += self.cache.take_fresh(pos, want, self.layout.slice_bytes)
 
     def _prefix(self, bits: int) -> int:
         return self.layout.prefix_bytes(bits) if bits >= MIN_BITS else 0
@@ -306,6 +305,7 @@ class PipelinedProvider:
         for e, b, n in demands:
             counts.setdefault(e, {})[b] = counts.get(e, {}).get(b, 0) + n
         self.predicted[pos] = set(counts)
+        self.cache.expect(pos, sorted(counts))
         self._poll()
         limit = float(layer_distance(pos, self.cache.current, self.cache.n))  # a sure use, d visits ahead
         for rank, (e, lo, hi) in enumerate(hebf_chunks(counts, {e: self.cache.held_bits(pos, e) for e in counts})):

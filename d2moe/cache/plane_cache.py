@@ -55,9 +55,11 @@ class PlaneCache:
         self.held = np.full((num_layers, num_experts), NONE, dtype=np.int64)  # top slice reserved
         self.done = np.zeros((num_layers, num_experts), dtype=np.int64)  # bitmask of ready slices
         self.ready = np.full((num_layers, num_experts), NONE, dtype=np.int64)  # widest usable width
+        self.fresh = np.zeros((num_layers, num_experts), dtype=np.int64)  # bitmask: slices read since last visit
         self.pins = np.zeros((num_layers, num_experts), dtype=np.int64)
         self.p = np.zeros((num_layers, num_experts, max_bits - NONE), dtype=np.float64)  # usage per slice
         self.last_use = np.zeros((num_layers, num_experts), dtype=np.int64)
+        self.expected = np.zeros((num_layers, num_experts), dtype=bool)  # predicted for the layer's next visit
         self.slots: dict[tuple[int, int, int], Slot] = {}
         self._owner: dict[tuple[int, int], tuple[int, int, int]] = {}  # (cls, index) -> (layer, expert, bits)
         self._bound: dict[tuple[int, int], dict[int, object]] = {}
@@ -106,7 +108,7 @@ class PlaneCache:
         if self.policy.name == "lru":
             return float(self.clock - self.last_use[layer, expert])
         d = layer_distance(layer, self.current, self.n)
-        return float(expected_next_use(self.p[layer, expert, bits - MIN_BITS], d, self.n))
+        return float(expected_next_use(self._p(layer, expert, bits), d, self.n))
 
     # --- usage --------------------------------------------------------------------------------------
     def visit(self, layer: int, needed_bits: dict[int, int]) -> None:
@@ -114,11 +116,33 @@ class PlaneCache:
         self.clock += 1
         self.current = layer
         self._top = None
+        self.expected[layer] = False
         need = np.zeros((self.E, self.max_bits - NONE), dtype=bool)
         for e, b in needed_bits.items():
             need[e, : b - NONE] = True
             self.last_use[layer, e] = self.clock
         self.p[layer] = update_usage(self.p[layer], need, self.policy.decay)
+
+    def expect(self, layer: int, experts: list[int]) -> None:
+        """A prefetch predicted these experts for the layer's next visit: until then they count as sure to be
+        used (p = 1), so the demands in between do not evict what was just prefetched."""
+        self.expected[layer, experts] = True
+        if self._top is not None:
+            for e in experts:
+                self._held_changed(layer, e)
+
+    def _p(self, layer, expert, bits):  # usage probability, 1 for an expected expert
+        return np.where(self.expected[layer, expert], 1.0, self.p[layer, expert, bits - MIN_BITS])
+
+    def take_fresh(self, layer: int, used: dict[int, int], slice_bytes: Callable[[int], int]) -> int:
+        """Bytes of this layer's slices read since its last visit that the visit used (slices 2..used[e] of
+        each used expert); forgets the rest. Reads minus this sum is what prefetching wasted."""
+        total = 0
+        for e, bits in used.items():
+            mask = int(self.fresh[layer, e])
+            total += sum(slice_bytes(b) for b in range(MIN_BITS, bits + 1) if mask >> b & 1)
+        self.fresh[layer] = 0
+        return total
 
     def pin(self, layer: int, expert: int) -> None:
         self.pins[layer, expert] += 1
@@ -152,6 +176,7 @@ class PlaneCache:
         if (layer, expert, bits) not in self.slots:
             raise RuntimeError(f"slice {bits} of expert {expert}, layer {layer} completed but was not reserved")
         self.done[layer, expert] |= 1 << bits
+        self.fresh[layer, expert] |= 1 << bits
         self._update_ready(layer, expert)
         self.stats.slices_loaded += 1
         self.stats.bytes_loaded += self.slots[(layer, expert, bits)].nbytes
@@ -206,7 +231,7 @@ class PlaneCache:
         """[n, E] eviction score of slice `bits[l, e]` of every expert (larger: evict first)."""
         if self.policy.name == "lru":
             return (self.clock - self.last_use).astype(np.float64)
-        p = self.p[self._grid[0], self._grid[1], np.maximum(bits, MIN_BITS) - MIN_BITS]
+        p = self._p(self._grid[0], self._grid[1], np.maximum(bits, MIN_BITS))
         d = layer_distance(np.arange(self.n), self.current, self.n)[:, None]
         return expected_next_use(p, d, self.n)
 

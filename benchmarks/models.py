@@ -1,0 +1,73 @@
+"""Benchmark models, built into $D2MOE_HOME/bench (never into the repository), each as a Hugging Face checkpoint,
+a d2moe store and (when the llama.cpp peer is built) GGUF Q8_0 / Q4_0 files.
+
+- bench8x: a Mixtral built from SmolLM2-135M, 8 experts that are copies of its FFN, random router, top-2 (it
+  equals dense SmolLM2 exactly); ~768 MB at Q8_0, ~169 MB of experts per token at INT8.
+
+    python -m benchmarks.models bench8x [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.checkpoints import build_smollm2_mixtral
+from benchmarks.llamacpp import convert_gguf, find_llamacpp
+from d2moe.default_model.paths import d2moe_home
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    hf: Path
+    store: Path
+    gguf: dict[str, Path]  # quant type -> file; empty when the peer is absent
+
+
+def bench_dir() -> Path:
+    return d2moe_home() / "bench"
+
+
+def build_bench8x(force: bool = False, dense_dtype: str = "int8") -> BenchModel:
+    import torch
+
+    from d2moe.config import MWQConfig
+    from d2moe.convert.convert import convert
+
+    root = bench_dir() / "bench8x"
+    if force and root.exists():
+        shutil.rmtree(root)
+    hf = root / "hf"
+    if not (hf / "config.json").is_file():
+        print("models: building the bench8x checkpoint", file=sys.stderr)
+        build_smollm2_mixtral(hf, num_experts=8, top_k=2)
+    store = root / f"store-{dense_dtype}"
+    if not (store / "config.json").is_file():
+        print(f"models: converting bench8x to a d2moe store ({dense_dtype} dense)", file=sys.stderr)
+        dtype = {"int8": torch.int8, "float16": torch.float16}[dense_dtype]
+        convert(hf, store, MWQConfig(), dense_dtype=dtype, overwrite=True)
+    peer = find_llamacpp()
+    gguf = convert_gguf(peer, hf, root / "gguf") if peer else {}
+    return BenchModel("bench8x", hf, store, gguf)
+
+
+BUILDERS = {"bench8x": build_bench8x}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("name", choices=sorted(BUILDERS))
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args(argv)
+    m = BUILDERS[args.name](args.force)
+    print(json.dumps({"hf": str(m.hf), "store": str(m.store), "gguf": {k: str(v) for k, v in m.gguf.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

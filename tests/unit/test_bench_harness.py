@@ -1,0 +1,63 @@
+"""The benchmark harness: llama.cpp timing parsing and the memory cgroup runner (root + cgroup v1 only)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from benchmarks.cgroup import available, run_limited
+from benchmarks.llamacpp import parse_timings
+
+LLAMA_STDERR = """
+llama_perf_context_print:        load time =     812.12 ms
+llama_perf_context_print: prompt eval time =     120.50 ms /    32 tokens (    3.77 ms per token,   265.56 tokens per second)
+llama_perf_context_print:        eval time =    2500.00 ms /    31 runs   (   80.65 ms per token,    12.40 tokens per second)
+"""
+
+
+def test_parse_llama_timings():
+    t = parse_timings(LLAMA_STDERR)
+    assert t["prefill_tokens"] == 32 and abs(t["prefill_tokens_per_s"] - 32 / 0.1205) < 1e-6
+    assert t["decode_tokens"] == 31 and abs(t["decode_tokens_per_s"] - 31 / 2.5) < 1e-6
+    assert parse_timings("nothing here") == {}
+
+
+needs_cgroup = pytest.mark.skipif(available() is not None, reason=f"memory cgroups unavailable: {available()}")
+
+
+@needs_cgroup
+def test_over_the_limit_is_killed_for_memory():
+    r = run_limited([sys.executable, "-c", "x = bytearray(300 * 2**20)"], 100 * 2**20, name="test-kill", cold=False)
+    assert r.killed_for_memory and r.returncode != 0
+
+
+@needs_cgroup
+def test_under_the_limit_succeeds_and_reports_peak():
+    r = run_limited([sys.executable, "-c", "x = bytearray(50 * 2**20); print('ok')"], 2**30, name="test-ok",
+                    cold=False)
+    assert r.returncode == 0 and r.stdout.strip() == "ok" and not r.killed_for_memory
+    assert 50 * 2**20 <= r.peak_bytes < 2**30
+
+
+@needs_cgroup
+def test_minimum_budget_holds_under_a_memory_cgroup(tiny_checkpoints, tmp_path):
+    """Memory is a promise: at the stated minimum budget, the process fits in budget + its idle overhead
+    (page cache counted), measured by the kernel, not by arithmetic."""
+    import json
+    from pathlib import Path
+
+    from d2moe.config import EngineConfig
+    from d2moe.convert.convert import convert
+    from d2moe.engine.model import open_model
+
+    store = convert(tiny_checkpoints["mixtral"], tmp_path / "m.d2m", progress=False)
+    with open_model(store, EngineConfig(context=16 + 8, step_tokens=16)) as m:
+        minimum = m.plan.minimum
+    root = str(Path(__file__).parents[2])
+    child = [sys.executable, "-m", "benchmarks.bench_child", "--model", str(store), "--threads", "1"]
+    idle = run_limited(child + ["--idle"], 2**31, name="test-idle", cold=False, cwd=root).peak_bytes
+    r = run_limited(child + ["--budget", str(minimum), "--prompt-tokens", "16", "--tokens", "8"],
+                    idle + minimum + 8 * 2**20, name="test-min", cold=False, cwd=root)
+    assert r.returncode == 0 and not r.killed_for_memory, r.stderr[-500:]
+    assert len(json.loads(r.stdout)["tokens"]) == 8
