@@ -33,10 +33,11 @@ def d2moe_cmd(store: Path, budget: int | None, policy: str, bits: int, tokens: i
 
 
 def idle_overhead(store: Path) -> int:
-    """Peak cgroup usage of a d2moe process that imports everything and opens nothing (page cache included)."""
+    """Peak RSS of a d2moe process that imports everything, runs every compute path once on tiny tensors and
+    opens no model: the fixed cost. (Its cgroup peak is larger only by reclaimable page cache of libraries.)"""
     r = run_limited([sys.executable, "-m", "benchmarks.bench_child", "--model", str(store), "--idle"], 2**31,
                     name="idle", cold=True, cwd=str(Path(__file__).parents[1]))
-    return r.peak_bytes
+    return json.loads(r.stdout)["peak_rss"]
 
 
 def run_engine(name: str, cmd: list[str], limit: int, parse) -> dict:
@@ -136,9 +137,6 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def plot(result_path: Path) -> None:
     """results/X.json -> X_tokens.png (decode tok/s per engine and budget) and X_timeline.png."""
@@ -182,3 +180,7 @@ def plot(result_path: Path) -> None:
         ax.legend(loc="upper right", fontsize=8)
         fig.tight_layout()
         fig.savefig(f"{stem}_timeline.png", dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

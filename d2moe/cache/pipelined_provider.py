@@ -240,7 +240,11 @@ class PipelinedProvider:
                         "of the experts this step needs; raise --memory-budget"
                     )
                 t0 = time.perf_counter()
-                timeout = None if self.max_wait is None else max(self.max_wait - (t0 - since), 0.0)
+                # a deadline only matters while some remaining expert has its base (something to degrade
+                # to); otherwise block until a read lands (a zero timeout here would spin and starve the loader)
+                degradable = any(self.cache.resident_bits(pos, e) >= MIN_BITS for e, _ in remaining)
+                timeout = (None if self.max_wait is None or not degradable
+                           else max(self.max_wait - (t0 - since), 0.0))
                 wait(futs, timeout=timeout, return_when=FIRST_COMPLETED)
                 t1 = time.perf_counter()
                 self.stats.io_wait_seconds += t1 - t0
