@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--engines", nargs="+",
-                    default=["llama.cpp Q8_0", "d2moe 8-bit", "d2moe 4-bit", "lru 8-bit", "d2moe 8-bit no-stall"])
+                    default=["llama.cpp Q8_0", "d2moe 8-bit", "d2moe 4-bit", "lru 8-bit", "edgemoe 8-bit",
+                             "hobbit 8-bit", "d2moe 8-bit no-stall"],
+                    help="'llama.cpp QUANT' or 'POLICY N-bit [no-stall]' (matryoshka-free equals d2moe at one "
+                         "fixed width: it differs only when widths change)")
     ap.add_argument("--out", default="results/bench_bench8x.json")
     ap.add_argument("--no-timeline", dest="timeline", action="store_false", help="skip the timeline run")
     args = ap.parse_args(argv)

@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         res["degraded"] = {f"{a}->{b}": n for (a, b), n in p.degraded.items()}
         rates = p.prediction_hit_rate()
         res["prediction_hit_rate"] = sum(rates.values()) / len(rates) if rates else None
+        res["prediction_hit_rate_per_layer"] = rates
+        res["widths_computed"] = dict(sorted(p.widths.items()))
+        done = sum(p.widths.values())
+        res["avg_bits_computed"] = sum(b * n for b, n in p.widths.items()) / done if done else None
         res["loader_mode"] = model.provider.loader.mode
         if args.timeline:
             t0 = s1["t"]

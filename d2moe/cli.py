@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute threads (default: torch's, one per core); use fewer on a busy machine")
 
     def engine_args(sp: argparse.ArgumentParser) -> None:
-        from d2moe.config import POLICIES
+        from d2moe.engine.policies import POLICIES
 
         sp.add_argument("--memory-budget", default=None,
                         help="everything the model holds (dense weights, KV cache, scratch, expert cache), e.g. "

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from d2moe.engine.policies import policy_spec
+
 QkNorm = Literal["none", "head", "full"]
 RouterScoring = Literal["softmax", "linear"]
 
@@ -106,8 +108,6 @@ class MWQConfig:
         return tuple(range(self.min_bits, self.max_bits + 1))
 
 
-Policy = Literal["d2moe", "lru", "hold"]
-POLICIES: tuple[str, ...] = ("d2moe", "lru", "hold")
 
 
 @dataclass(frozen=True)
@@ -122,10 +122,11 @@ class EngineConfig:
     context: int = field(default=2048, metadata={"help": "tokens of KV cache reserved (prompt + generated)"})
     step_tokens: int = field(default=512, metadata={"help": "most tokens one forward step runs (scratch size)"})
     full_logits: bool = field(default=False, metadata={"help": "steps return logits for every token (eval)"})
-    policy: Policy = field(
+    policy: str = field(
         default="d2moe",
         metadata={"help": "d2moe: pipelined HEBF + plane cache + prefetch; lru: synchronous reads, LRU cache; "
-                          "hold: every expert resident at the request's width"},
+                          "hold: every expert resident at the request's width; matryoshka-free, edgemoe, "
+                          "hobbit: the peers' ideas on this engine (see engine/policies.py)"},
     )
     prefetch: bool = field(default=True, metadata={"help": "predict and prefetch the next layer's experts"})
     max_wait: float | None = field(
@@ -138,8 +139,7 @@ class EngineConfig:
     record_timeline: bool = field(default=False, metadata={"help": "keep I/O and compute events for plots"})
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        policy_spec(self.policy)  # a clear error for an unknown name
         if self.context < 1 or self.step_tokens < 1 or self.loader_threads < 1:
             raise ValueError("context, step_tokens and loader_threads must be at least 1")
         if self.max_wait is not None and self.max_wait < 0:

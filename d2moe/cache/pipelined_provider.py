@@ -23,13 +23,18 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
+import torch
+from torch import Tensor
+
 from d2moe.cache.arena import Slot
 from d2moe.cache.plane_cache import MIN_BITS, PlaneCache
 from d2moe.cache.policy import layer_distance
+from d2moe.cache.transitions import ExpertTransitions
+from d2moe.engine.policies import PolicySpec, policy_spec
 from d2moe.cache.expert_cache import BudgetError
 from d2moe.io.hebf import hebf_chunks
 from d2moe.io.loader import SliceLoader, SliceRead
-from d2moe.models.expert_provider import Demand, ExpertFn, ReadyBatch
+from d2moe.models.expert_provider import PREFETCH_MAX_TOKENS, Demand, ExpertFn, ReadyBatch
 from d2moe.quant.kernels import BoundExpert
 from d2moe.quant.pack import SliceArrays, assemble_expert, slice_arrays
 from d2moe.storage.reader import StoreReader
@@ -44,6 +49,7 @@ class PipelineStats:
     wait_events: list[tuple[float, float]] = field(default_factory=list)  # (t0, t1) of waits, if recorded
     degraded: Counter = field(default_factory=Counter)  # (demanded, used) width -> expert computations
     computed: int = 0  # expert computations yielded
+    widths: Counter = field(default_factory=Counter)  # width an expert was computed at -> computations
     predicted: dict[int, list[int]] = field(default_factory=dict)  # layer -> [hits, demanded experts]
     prefetch_issued: int = 0
     prefetch_cancelled: int = 0
@@ -60,10 +66,17 @@ class PipelinedProvider:
         loader: SliceLoader,
         kernel: object | None,
         max_wait: float | None = None,
+        spec: PolicySpec | None = None,
     ) -> None:
         self.reader, self.cache, self.loader, self.kernel = reader, cache, loader, kernel
         self.layout = reader.config.layout
         self.max_wait = max_wait
+        self.spec = spec or policy_spec("d2moe")
+        model = reader.config.model
+        self.top_k = model.top_k
+        self.transitions = ExpertTransitions(len(model.moe_layers), model.num_experts)
+        self._copy: dict[tuple[int, int], int] = {}  # matryoshka-free: the width each expert's copy was read at
+        self._last_step: tuple[int, list[int]] | None = None  # (pos, experts) of the layer just run
         self.pos = {layer: i for i, layer in enumerate(reader.config.model.moe_layers)}
         self.layers = reader.config.model.moe_layers
         self.inflight: dict[tuple[int, int, int], Future] = {}
@@ -175,6 +188,13 @@ class PipelinedProvider:
         want = {e: max(per) for e, per in counts.items()}
         self._poll()
         self._record_prediction(pos, set(want))
+        if not self.spec.nested:
+            self._separate_copies(pos, want)
+        if self.spec.prefetch == "transition":
+            self._predict_transition(pos, demands, want)
+        if not self.inflight and self._hint is None and all(self.cache.ready[pos, e] >= b for e, b in want.items()):
+            yield from self._all_hits(pos, demands, want)
+            return
         self._cancel_prefetches(pos, set(want))
         self.cache.visit(pos, want)
         for e, b, _ in demands:
@@ -190,6 +210,7 @@ class PipelinedProvider:
                 self._issue_prefetch()
                 yield [(e, b, self._fn(pos, e, b)) for e, b, _ in demands]
                 self.stats.computed += len(demands)
+                self.stats.widths.update(b for _, b, _ in demands)
             finally:
                 self._done_with(pos, want, pinned)
             return
@@ -225,8 +246,10 @@ class PipelinedProvider:
                     stuck = blocked and not self.inflight  # no read will land to make room: compute what we have
                     ready = self._degraded(pos, remaining, stuck, time.perf_counter() - since)
                 if ready:
-                    yield [(e, b, self._fn(pos, e, min(b, self.cache.resident_bits(pos, e)))) for e, b in ready]
+                    used = [(e, b, min(b, self.cache.resident_bits(pos, e))) for e, b in ready]
+                    yield [(e, b, self._fn(pos, e, have)) for e, b, have in used]
                     self.stats.computed += len(ready)
+                    self.stats.widths.update(have for _, _, have in used)
                     remaining.difference_update(ready)
                     for e in set() if hold else {e for e, _ in ready} - {e for e, _ in remaining}:
                         self.cache.unpin(pos, e)  # computed: its slots may serve the rest of the layer
@@ -253,6 +276,49 @@ class PipelinedProvider:
         finally:
             self._done_with(pos, want, pinned)
 
+    def _all_hits(self, pos: int, demands: list[Demand], want: dict[int, int]) -> Iterator[ReadyBatch]:
+        """Every demanded expert resident, no read in flight and no prefetch to queue (a resident working
+        set): nothing can evict while the batch computes, so no pins and no queue. Same batch, same stats
+        as the general path below, at a fraction of its per-layer cost."""
+        self.cache.visit(pos, want)
+        self.cache.stats.hits += len(demands)
+        yield [(e, b, self._fn(pos, e, b)) for e, b, _ in demands]
+        self.stats.computed += len(demands)
+        self.stats.widths.update(b for _, b, _ in demands)
+        self.stats.needed_bytes += self.cache.take_fresh(pos, want, self.layout.slice_bytes)
+
+    def _separate_copies(self, pos: int, want: dict[int, int]) -> None:
+        """matryoshka-free: an expert resident at another width than demanded is a different copy, so its
+        slices are dropped and the demanded width is read from its base up (reads still in flight keep it)."""
+        for e, b in want.items():
+            copy = self._copy.get((pos, e))
+            if copy is not None and copy != b and self.cache.held_bits(pos, e) >= MIN_BITS:
+                if not any((pos, e, s) in self.inflight for s in range(MIN_BITS, self.cache.max_bits + 1)):
+                    self.cache.drop(pos, e)
+            self._copy[(pos, e)] = b
+
+    def _predict_transition(self, pos: int, demands: list[Demand], want: dict[int, int]) -> None:
+        """edgemoe: count this layer's experts as successors of the previous layer's, and hint the next
+        layer's likeliest successors of these (decode-sized steps only, like the router prediction)."""
+        experts = sorted(want)
+        if self._last_step is not None and self._last_step[0] == pos - 1:
+            self.transitions.observe(pos, self._last_step[1], experts)
+        self._last_step = (pos, experts)
+        tokens = sum(n for _, _, n in demands) / max(self.top_k, 1)
+        nxt = pos + 1
+        if tokens > PREFETCH_MAX_TOKENS or nxt >= len(self.layers) or not want:
+            return
+        bits = max(want.values())
+        if self.cache.layer_resident(nxt, bits):
+            return
+        guess = self.transitions.predict(nxt, experts, self.top_k * max(int(tokens), 1))
+        if guess:
+            self._hint = (self.layers[nxt], [(e, bits, 1) for e in guess])
+
+    def resident_widths(self, layer: int) -> Tensor:
+        """[E] widest usable width of each expert of `layer` (1: not even its base), for width rules."""
+        return torch.from_numpy(self.cache.ready[self.pos[layer]].copy())
+
     def _done_with(self, pos: int, want: dict[int, int], pinned: set[int]) -> None:
         for e in pinned:
             self.cache.unpin(pos, e)
@@ -269,7 +335,7 @@ class PipelinedProvider:
         chunks = hebf_chunks(counts, held)
         need = sum(self._prefix(b) - self._prefix(held[e]) for e, b in want.items())
         room = self.cache.budget_bytes - sum(self._prefix(h) for h in held.values())
-        if need <= room:
+        if need <= room or not self.spec.bases_first:
             return chunks
         bases = [(e, lo, lo) for e, lo, _ in chunks if lo == MIN_BITS]
         rest = [(e, lo + 1, hi) if lo == MIN_BITS else (e, lo, hi) for e, lo, hi in chunks if hi > lo or lo > MIN_BITS]

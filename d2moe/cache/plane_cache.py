@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from d2moe.cache.arena import BASE, PLANE, Slot, SlotArena
-from d2moe.cache.policy import CachePolicy, eviction_scores, expected_next_use, layer_distance, update_usage
+from d2moe.cache.policy import CachePolicy, eviction_scores, update_usage
 
 MIN_BITS = 2
 NONE = MIN_BITS - 1  # "no slice held"
@@ -105,10 +105,8 @@ class PlaneCache:
     def score(self, layer: int, expert: int, bits: int) -> float:
         """Expected layer visits until slice `bits` of this expert is needed (what a prefetch must beat);
         under `lru`, visits since its last use."""
-        if self.policy.name == "lru":
-            return float(self.clock - self.last_use[layer, expert])
-        d = layer_distance(layer, self.current, self.n)
-        return float(expected_next_use(self._p(layer, expert, bits), d, self.n))
+        return float(eviction_scores(self.policy, self._p(layer, expert, bits), layer, self.last_use[layer, expert],
+                                     self.current, self.clock, self.n))
 
     # --- usage --------------------------------------------------------------------------------------
     def visit(self, layer: int, needed_bits: dict[int, int]) -> None:
@@ -181,6 +179,14 @@ class PlaneCache:
         self.stats.slices_loaded += 1
         self.stats.bytes_loaded += self.slots[(layer, expert, bits)].nbytes
 
+    def drop(self, layer: int, expert: int) -> None:
+        """Evict every slice of an expert (a different-width copy under matryoshka-free). Refused for a
+        pinned expert or one with a read in flight."""
+        if self.pins[layer, expert] or not self._all_ready()[layer, expert]:
+            raise RuntimeError(f"expert {expert} of layer {layer} is pinned or being read: cannot drop it")
+        while self.held[layer, expert] >= MIN_BITS:
+            self._evict_top(layer, expert)
+
     def abandon(self, layer: int, expert: int, bits: int) -> None:
         """A reserved slice whose read failed or was cancelled (no read is writing it any more): free it and
         every reserved slice above it."""
@@ -229,11 +235,8 @@ class PlaneCache:
 
     def _top_scores(self, bits: np.ndarray) -> np.ndarray:
         """[n, E] eviction score of slice `bits[l, e]` of every expert (larger: evict first)."""
-        if self.policy.name == "lru":
-            return (self.clock - self.last_use).astype(np.float64)
         p = self._p(self._grid[0], self._grid[1], np.maximum(bits, MIN_BITS))
-        d = layer_distance(np.arange(self.n), self.current, self.n)[:, None]
-        return expected_next_use(p, d, self.n)
+        return eviction_scores(self.policy, p, self._grid[0], self.last_use, self.current, self.clock, self.n)
 
     def _held_scores(self) -> np.ndarray:
         """Scores of the held top slices, kept between allocations until the next visit changes usage."""

@@ -21,19 +21,20 @@ from typing import Literal
 
 import numpy as np
 
-PolicyName = Literal["d2moe", "lru"]
+PolicyName = Literal["d2moe", "lru", "edgemoe"]
 MIN_P = 1e-3
 
 
 @dataclass(frozen=True)
 class CachePolicy:
-    """Eviction scoring. `d2moe`: expected distance to the next use; `lru`: time since the last use."""
+    """Eviction scoring. `d2moe`: expected distance to the next use; `lru`: time since the last use;
+    `edgemoe`: layer distance over usage frequency (EdgeMoE's two signals as a plain ratio)."""
 
-    name: PolicyName = field(default="d2moe", metadata={"help": "d2moe (expected next use) or lru"})
+    name: PolicyName = field(default="d2moe", metadata={"help": "d2moe (expected next use), lru or edgemoe"})
     decay: float = field(default=0.8, metadata={"help": "weight of history in the usage average, per visit"})
 
     def __post_init__(self) -> None:
-        if self.name not in ("d2moe", "lru"):
+        if self.name not in ("d2moe", "lru", "edgemoe"):
             raise ValueError(f"unknown cache policy {self.name!r}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError("decay must be in [0, 1)")
@@ -64,7 +65,10 @@ def eviction_scores(
     clock: int,
     n: int,
 ) -> np.ndarray:
-    """Score each candidate's top slice; the largest goes first. Arrays are per candidate."""
+    """Score each candidate's top slice; the largest goes first. Arrays broadcast per candidate."""
     if policy.name == "lru":
-        return (clock - last_use).astype(np.float64)
-    return expected_next_use(p_top, layer_distance(layer_pos, current_pos, n), n)
+        return np.asarray(clock - last_use, dtype=np.float64)
+    d = layer_distance(layer_pos, current_pos, n)
+    if policy.name == "edgemoe":
+        return np.asarray(d, dtype=np.float64) / np.maximum(np.asarray(p_top, dtype=np.float64), MIN_P)
+    return expected_next_use(p_top, d, n)

@@ -4,11 +4,13 @@ memory budget split between them (engine/memory.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 
 from d2moe.cache.expert_cache import BudgetError, ExpertCache
@@ -18,12 +20,33 @@ from d2moe.cache.policy import CachePolicy
 from d2moe.cache.store_provider import StoreExpertProvider
 from d2moe.config import EngineConfig, ModelConfig
 from d2moe.engine.memory import MemoryPlan, plan_memory
+from d2moe.engine.policies import PolicySpec, policy_spec
 from d2moe.io.loader import SliceLoader
 from d2moe.models.decoder import MoEDecoder
 from d2moe.models.dense import DenseWeight, dense_nbytes, load_dense
+from d2moe.models.moe import WidthRule
+from d2moe.models.widths import HobbitRule, static_widths
 from d2moe.quant.kernels import load_kernel
 from d2moe.storage.format import DENSE_FILE, StoreError
 from d2moe.storage.reader import StoreReader
+
+log = logging.getLogger(__name__)
+CALIBRATION_FILE = "calibration.json"
+
+
+def static_width_tables(path: Path) -> dict[int, torch.Tensor] | None:
+    """EdgeMoE's static per-expert widths, {layer: [E] widths}, from the store's calibration (written by
+    `d2moe calibrate`), or None when it has none."""
+    f = Path(path) / CALIBRATION_FILE
+    if not f.is_file():
+        return None
+    try:
+        tables = json.loads(f.read_text()).get("static_widths")
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{f}: cannot read ({e})") from None
+    if not tables:
+        return None
+    return {int(layer): torch.tensor(widths, dtype=torch.int64) for layer, widths in tables.items()}
 
 
 @dataclass
@@ -115,18 +138,35 @@ def _drop_page_cache(path: Path) -> None:
 
 def _provider(reader: StoreReader, engine: EngineConfig, plan: MemoryPlan) -> StoreExpertProvider | PipelinedProvider:
     cfg = reader.config.model
-    if engine.policy == "lru":
+    spec = policy_spec(engine.policy)
+    if spec.provider == "sync":
         return StoreExpertProvider(reader, ExpertCache(plan.experts))
     layout = reader.config.layout
     cache = PlaneCache(
         plan.experts, len(cfg.moe_layers), cfg.num_experts, reader.max_bits, layout.slice_bytes(2),
         max(layout.slice_bytes(b) for b in range(3, reader.max_bits + 1)) if reader.max_bits > 2 else 4096,
-        CachePolicy("d2moe"),
+        CachePolicy(spec.eviction),
     )
     loader = SliceLoader(str(reader.experts_path), engine.loader_threads, engine.direct_io, engine.record_timeline)
-    cls = HoldProvider if engine.policy == "hold" else PipelinedProvider
-    max_wait = engine.max_wait if engine.policy == "d2moe" else None
-    return cls(reader, cache, loader, load_kernel(), max_wait)
+    cls = HoldProvider if spec.provider == "hold" else PipelinedProvider
+    max_wait = engine.max_wait if spec.degrade else None
+    return cls(reader, cache, loader, load_kernel(), max_wait, spec)
+
+
+def _width_rule(spec: PolicySpec, provider: object, path: Path) -> WidthRule | None:
+    """The policy's per-(token, expert) width rule (models/widths.py), or None: every chosen expert at its
+    token's width."""
+    if spec.widths == "hobbit" and isinstance(provider, PipelinedProvider):
+        rule = HobbitRule()
+        return lambda layer, r, token_bits: rule(r.idx, r.weight, token_bits, provider.resident_widths(layer))
+    if spec.widths == "static":
+        tables = static_width_tables(path)
+        if tables is None:
+            log.info("policy %s: the store has no calibrated per-expert widths (d2moe calibrate); "
+                     "every expert runs at the request's width", spec.name)
+            return None
+        return lambda layer, r, token_bits: static_widths(r.idx, token_bits, tables[layer])
+    return None
 
 
 class HoldProvider(PipelinedProvider):
@@ -158,7 +198,9 @@ def open_model(path: Path, engine: EngineConfig | None = None) -> LoadedModel:
     except BaseException:
         reader.close()
         raise
-    decoder = MoEDecoder(cfg, dense, provider, prefetch=engine.prefetch and engine.policy == "d2moe")
+    spec = policy_spec(engine.policy)
+    decoder = MoEDecoder(cfg, dense, provider, prefetch=engine.prefetch and spec.prefetch == "router",
+                         widths=_width_rule(spec, provider, path))
     tokenizer = load_tokenizer(path)
     model = LoadedModel(
         path=path,

@@ -6,23 +6,23 @@ import torch
 import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
-from d2moe.models.expert_provider import ExpertProvider
+from d2moe.models.expert_provider import PREFETCH_MAX_TOKENS, ExpertProvider
 from d2moe.models.layers import KVCache, Rope, attention, embedding, linear, rms_norm, swiglu
-from d2moe.models.moe import moe_block, predict_demands
-
-PREFETCH_MAX_TOKENS = 4  # predict the next layer's experts only in decode-sized steps (prefill needs them all)
+from d2moe.models.moe import WidthRule, moe_block, predict_demands
 
 
 class MoEDecoder:
     """Holds the dense (always resident) weights; experts come from `provider` on demand."""
 
     def __init__(
-        self, cfg: ModelConfig, dense: dict[str, torch.Tensor], provider: ExpertProvider, prefetch: bool = False
+        self, cfg: ModelConfig, dense: dict[str, torch.Tensor], provider: ExpertProvider, prefetch: bool = False,
+        widths: WidthRule | None = None,
     ) -> None:
         self.cfg = cfg
         self.w = dense
         self.provider = provider
-        self.prefetch = prefetch
+        self.prefetch = prefetch  # the next MoE layer's router on this layer's residual stream (HOBBIT, AdapMoE)
+        self.widths = widths  # per-(token, expert) width rule (models/widths.py); None: the token's width
         moe = cfg.moe_layers
         self.next_moe = {a: b for a, b in zip(moe, moe[1:])}  # layer -> the MoE layer after it
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.max_position)
@@ -66,7 +66,7 @@ class MoEDecoder:
                     # the next MoE layer's router on this layer's residual stream, normed as that layer will
                     guess_x = rms_norm(h, w[f"layers.{nxt}.ffn_norm"], cfg.rms_norm_eps).reshape(B * T, -1)
                     self.provider.prefetch(nxt, predict_demands(guess_x, w[f"layers.{nxt}.router"], cfg, flat_bits))
-                y = moe_block(x.reshape(B * T, -1), w, p, L, cfg, self.provider, flat_bits)
+                y = moe_block(x.reshape(B * T, -1), w, p, L, cfg, self.provider, flat_bits, widths=self.widths)
                 h = h + y.view(B, T, -1)
         cache.length += T
         if last_only:

@@ -20,6 +20,7 @@ from d2moe.models.names import expert_name
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]  # x [T, H] float32 -> y [T, H] float32
 Demand = tuple[int, int, int]  # (expert, bits, tokens that chose it at that width)
 ReadyBatch = list[tuple[int, int, ExpertFn]]  # (expert, demanded bits, fn) for every expert ready now
+PREFETCH_MAX_TOKENS = 4  # next-layer predictions only in decode-sized steps (a prefill needs every expert)
 
 
 def weighted_sum(fns: list[ExpertFn], weights: list[float], x: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,14 @@
 
 Pipeline for T tokens of one layer:
   [Router]  scores [T,E] -> top-k experts idx [T,k] and combine weights [T,k]
-  [Widths]  bits [T,k] per chosen expert (the request's choice today; router two later)
+  [Widths]  bits [T,k] per chosen expert (the request's width, or a rule: models/widths.py; 0 = skip)
   [Demand]  unique (expert, bits) pairs; the provider yields them as they become ready
   [Combine] out[t] = sum_k weight[t,k] * expert(x[t]) (+ shared expert, + absent-expert vectors)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import ExpertProvider, weighted_sum
 from d2moe.models.layers import linear, swiglu
+from d2moe.models.widths import request_widths
 
 
 @dataclass(frozen=True)
@@ -38,18 +40,20 @@ def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig) -> Routing:
     return Routing(idx, weight)
 
 
+WidthRule = Callable[[int, Routing, torch.Tensor], torch.Tensor]  # (layer, routing, token bits [T]) -> [T,k]
+
+
 def _many_tokens(
-    xf: torch.Tensor, routing: Routing, token_bits: torch.Tensor, layer: int, cfg: ModelConfig,
-    provider: ExpertProvider,
+    xf: torch.Tensor, routing: Routing, bits: torch.Tensor, layer: int, cfg: ModelConfig, provider: ExpertProvider,
 ) -> torch.Tensor:
-    """Group the T*k (token, expert, bits) triples by (expert, bits); each expert runs once on its tokens."""
-    bits = token_bits.view(-1, 1).expand_as(routing.idx)  # [T, k]
+    """Group the T*k (token, expert, bits) triples by (expert, bits); each expert runs once on its tokens.
+    bits [T,k] per chosen expert (0: skipped)."""
     flat_expert = routing.idx.reshape(-1)
     flat_bits = bits.reshape(-1)
     flat_weight = routing.weight.reshape(-1)
     flat_token = torch.arange(xf.shape[0]).repeat_interleave(cfg.top_k)
     keys = flat_expert * 16 + flat_bits  # one key per (expert, bits) pair
-    unique_keys, counts = torch.unique(keys, return_counts=True)
+    unique_keys, counts = torch.unique(keys[flat_bits > 0], return_counts=True)
     demands = [(k // 16, k % 16, n) for k, n in zip(unique_keys.tolist(), counts.tolist())]
 
     # Experts are computed as they become ready (overlapping the loads still running); their outputs are
@@ -67,16 +71,18 @@ def _many_tokens(
     return out
 
 
-def _one_token(xf: torch.Tensor, routing: Routing, bits: int, layer: int, provider: ExpertProvider) -> torch.Tensor:
-    """Decode step: k distinct experts at one width, no grouping. One token's experts cost a fraction of a
-    millisecond against milliseconds per read, so they run together in one kernel call once all are ready,
-    in routing order: every policy and arrival order gives bit-identical results."""
+def _one_token(xf: torch.Tensor, routing: Routing, bits: list[int], layer: int, provider: ExpertProvider) -> torch.Tensor:
+    """Decode step: k distinct experts, no grouping. One token's experts cost a fraction of a millisecond
+    against milliseconds per read, so they run together in one kernel call once all are ready, in routing
+    order: every policy and arrival order gives bit-identical results. bits [k] (0: skipped)."""
     weight = routing.weight[0].tolist()
-    order = routing.idx[0].tolist()
+    chosen = [(e, b, w) for e, b, w in zip(routing.idx[0].tolist(), bits, weight) if b > 0]
     fns: dict[int, object] = {}
-    for batch in provider.experts(layer, [(e, bits, 1) for e in order], hold=True):
+    for batch in provider.experts(layer, [(e, b, 1) for e, b, _ in chosen], hold=True):
         fns.update((e, fn) for e, _, fn in batch)
-    return weighted_sum([fns[e] for e in order], weight, xf)
+    if not chosen:
+        return torch.zeros_like(xf)
+    return weighted_sum([fns[e] for e, _, _ in chosen], [w for _, _, w in chosen], xf)
 
 
 def predict_demands(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig, token_bits: torch.Tensor) -> list:
@@ -97,13 +103,17 @@ def moe_block(
     provider: ExpertProvider,
     token_bits: torch.Tensor,
     routing: Routing | None = None,
+    widths: WidthRule | None = None,
 ) -> torch.Tensor:
-    """x [T,H] (normed hidden), token_bits [T] width per token -> [T,H]."""
+    """x [T,H] (normed hidden), token_bits [T] width per token -> [T,H]. `widths` picks each chosen
+    expert's width (models/widths.py); by default every chosen expert runs at its token's width."""
     routing = routing if routing is not None else route(x, w[prefix + "router"], cfg)
     if x.shape[0] == 1:
-        out = _one_token(x.float(), routing, int(token_bits[0]), layer, provider)
+        bits = [int(token_bits[0])] * cfg.top_k if widths is None else widths(layer, routing, token_bits)[0].tolist()
+        out = _one_token(x.float(), routing, bits, layer, provider)
     else:
-        out = _many_tokens(x.float(), routing, token_bits, layer, cfg, provider)
+        bits_tk = request_widths(routing.idx, token_bits) if widths is None else widths(layer, routing, token_bits)
+        out = _many_tokens(x.float(), routing, bits_tk, layer, cfg, provider)
     if cfg.shared_expert_intermediate:
         shared = swiglu(x, w[prefix + "shared.w1"], w[prefix + "shared.w3"], w[prefix + "shared.w2"])
         if cfg.shared_expert_gate:

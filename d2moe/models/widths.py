@@ -1,0 +1,48 @@
+"""Per-(token, chosen expert) widths: how many bits each expert a token chose runs at (0: skipped).
+
+The request's width applies to every chosen expert unless a rule narrows it. Rules are pure functions of
+the routing, the request's widths and, for HOBBIT, the widths already resident (an input, never changed):
+- `request_widths`: every chosen expert at its token's width;
+- `hobbit_widths` (HOBBIT): a cache miss of low gate weight runs at a lower width, or at the width already
+  resident if that is at least the low one; experts past a cumulative gate weight of `skip_after` (in
+  descending weight order) are skipped;
+- `static_widths` (EdgeMoE): a per-expert width table caps the token's width.
+Router two (dual routing) plugs in here as another rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS = 2
+
+
+def request_widths(idx: torch.Tensor, token_bits: torch.Tensor) -> torch.Tensor:
+    """idx [T,k], token_bits [T] -> [T,k]: each chosen expert at its token's width."""
+    return token_bits.view(-1, 1).expand_as(idx).clone()
+
+
+def static_widths(idx: torch.Tensor, token_bits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """table [E] per-expert widths of this layer: min(token width, table[expert])."""
+    return torch.minimum(request_widths(idx, token_bits), table[idx])
+
+
+@dataclass(frozen=True)
+class HobbitRule:
+    low_weight: float = 0.3  # a miss whose gate weight is below this runs at the low width
+    skip_after: float = 0.9  # experts after the cumulative weight reaches this are skipped
+
+    def __call__(self, idx: torch.Tensor, weight: torch.Tensor, token_bits: torch.Tensor,
+                 resident: torch.Tensor) -> torch.Tensor:
+        """idx, weight [T,k]; token_bits [T]; resident [E] usable width per expert (1: none) -> [T,k]."""
+        high = request_widths(idx, token_bits)
+        low = torch.clamp(high // 2, min=MIN_BITS)
+        res = resident[idx]
+        cheap = (res < high) & (weight < self.low_weight)
+        bits = torch.where(cheap, torch.minimum(torch.maximum(low, res), high), high)
+        order = weight.argsort(dim=-1, descending=True, stable=True)
+        before = weight.gather(-1, order).cumsum(-1) - weight.gather(-1, order)  # weight ahead of each
+        skip = torch.zeros_like(cheap).scatter(-1, order, before >= self.skip_after)
+        return torch.where(skip, torch.zeros_like(bits), bits)
