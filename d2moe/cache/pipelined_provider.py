@@ -40,6 +40,7 @@ from d2moe.quant.pack import SliceArrays, assemble_expert, slice_arrays
 from d2moe.storage.reader import StoreReader
 
 DEMAND, PREFETCH = 0, 1  # priority classes of the I/O queue
+SURE_PREFETCH = 0.8  # a prediction rank right this often is prefetched whole; others base first, planes last
 
 
 @dataclass
@@ -51,6 +52,7 @@ class PipelineStats:
     computed: int = 0  # expert computations yielded
     widths: Counter = field(default_factory=Counter)  # width an expert was computed at -> computations
     predicted: dict[int, list[int]] = field(default_factory=dict)  # layer -> [hits, demanded experts]
+    rank_hits: dict[int, list[int]] = field(default_factory=dict)  # prediction rank -> [right, guesses]
     prefetch_issued: int = 0
     prefetch_cancelled: int = 0
 
@@ -80,7 +82,7 @@ class PipelinedProvider:
         self.pos = {layer: i for i, layer in enumerate(reader.config.model.moe_layers)}
         self.layers = reader.config.model.moe_layers
         self.inflight: dict[tuple[int, int, int], Future] = {}
-        self.predicted: dict[int, set[int]] = {}
+        self.predicted: dict[int, list[int]] = {}  # pos -> predicted experts, surest first
         self._hint: tuple[int, list[Demand]] | None = None
         self._arrays: dict[tuple[int, int, int], SliceArrays] = {}
         self._landed: SimpleQueue = SimpleQueue()  # keys of finished reads, put by the loader threads
@@ -374,12 +376,16 @@ class PipelinedProvider:
         counts: dict[int, dict[int, int]] = {}
         for e, b, n in demands:
             counts.setdefault(e, {})[b] = counts.get(e, {}).get(b, 0) + n
-        self.predicted[pos] = set(counts)
+        self.predicted[pos] = list(counts)
+        unsure = {e: max(per) for rank, (e, per) in enumerate(counts.items()) if not self._sure(rank)}
+        first = {e: {MIN_BITS: sum(per.values())} if e in unsure else per for e, per in counts.items()}
         self.cache.expect(pos, sorted(counts))
         self._poll()
         limit = float(layer_distance(pos, self.cache.current, self.cache.n))  # a sure use, d visits ahead
-        for rank, (e, lo, hi) in enumerate(hebf_chunks(counts, {e: self.cache.held_bits(pos, e) for e in counts})):
-            if self.cache.held_bits(pos, e) < lo - 1:
+        chunks = hebf_chunks(first, {e: self.cache.held_bits(pos, e) for e in counts})
+        chunks += [(e, MIN_BITS + 1, b) for e, b in unsure.items() if b > MIN_BITS]  # last, if still wanted
+        for rank, (e, lo, hi) in enumerate(chunks):
+            if self.cache.held_bits(pos, e) < lo - 1 or self.cache.held_bits(pos, e) >= hi:
                 continue
             got = self._issue(pos, e, hi, (PREFETCH, self.cache.clock, rank), limit=limit)
             self.stats.prefetch_issued += 1
@@ -391,7 +397,18 @@ class PipelinedProvider:
         if guess is None:
             return
         hits, n = self.stats.predicted.get(self.layers[pos], [0, 0])
-        self.stats.predicted[self.layers[pos]] = [hits + len(guess & actual), n + len(actual)]
+        self.stats.predicted[self.layers[pos]] = [hits + len(set(guess) & actual), n + len(actual)]
+        for rank, e in enumerate(guess):
+            right, total = self.stats.rank_hits.get(rank, [0, 0])
+            self.stats.rank_hits[rank] = [right + (e in actual), total + 1]
+
+    def _sure(self, rank: int) -> bool:
+        """Whether guesses of this rank are right often enough to read all their planes at once: a wrong
+        guess is bytes the disk could have spent on a demanded slice, so the others' bases (a quarter of an
+        8-bit expert) come first and their planes after every other prefetch, where the layer's arrival
+        can still cancel them. Rates are counted as the engine runs, from an optimistic start."""
+        right, total = self.stats.rank_hits.get(rank, [0, 0])
+        return (right + 1) / (total + 1) >= SURE_PREFETCH
 
     def preload(self, bits: int) -> int:
         """Read every expert at `bits` if the cache can hold them all (the `hold` policy); returns how many

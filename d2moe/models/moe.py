@@ -87,11 +87,16 @@ def _one_token(xf: torch.Tensor, routing: Routing, bits: list[int], layer: int, 
 
 def predict_demands(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig, token_bits: torch.Tensor) -> list:
     """Cross-layer prediction (HOBBIT, AdapMoE): the next MoE layer's router applied to this layer's input
-    guesses its experts; returns (expert, bits, tokens) demands to prefetch."""
+    guesses its experts; returns (expert, bits, tokens) demands to prefetch, surest first (most tokens,
+    then best router rank): the provider reads only the bases of the ranks that often guess wrong."""
     idx = route(x, router, cfg).idx  # [T, k]
     bits = token_bits.view(-1, 1).expand_as(idx)
-    keys, counts = torch.unique(idx.reshape(-1) * 16 + bits.reshape(-1), return_counts=True)
-    return [(k // 16, k % 16, n) for k, n in zip(keys.tolist(), counts.tolist())]
+    best: dict[int, tuple[int, int, int]] = {}  # expert -> (tokens, best rank, widest bits)
+    for rank, (e, b) in enumerate(zip(idx.T.reshape(-1).tolist(), bits.T.reshape(-1).tolist())):
+        n, r, w = best.get(e, (0, rank, 0))
+        best[e] = (n + 1, min(r, rank), max(w, b))
+    order = sorted(best, key=lambda e: (-best[e][0], best[e][1]))
+    return [(e, best[e][2], best[e][0]) for e in order]
 
 
 def moe_block(
