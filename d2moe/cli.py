@@ -88,6 +88,25 @@ def _report(model, seconds: float | None = None) -> dict:
     return out
 
 
+def _widths_report(model, tokens: int) -> dict:
+    """avg_bits: mean width over every chosen expert of every token (0 = skipped, not counted);
+    expert_bytes_per_token: bytes those widths need per token, whatever was cached."""
+    hist = model.decoder.width_hist
+    layout = model.reader.config.layout
+    n = int(hist[2:].sum())
+    bits = sum(b * int(hist[b]) for b in range(2, hist.numel()))
+    nbytes = sum(layout.prefix_bytes(b) * int(hist[b]) for b in range(2, model.reader.max_bits + 1))
+    return {"avg_bits": bits / n if n else None, "expert_bytes_per_token": nbytes / tokens if tokens else None,
+            "widths": {b: int(hist[b]) for b in range(hist.numel()) if hist[b]}}
+
+
+def _choice_text(choice, args) -> str:
+    if args.tier is None and args.avg_bits is None:
+        return f"{choice.bits}-bit experts"
+    what = f"tier {args.tier}" if args.tier else f"--avg-bits {args.avg_bits}"
+    return f"{what}: " + (f"router two at price {choice.price:.3g}" if choice.routed else f"{choice.bits}-bit experts")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from d2moe.engine.generate import GenerationStats, Request, generate
     from d2moe.engine.model import load_tokenizer, open_model
@@ -108,7 +127,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     printed = ""
     with open_model(path, _engine(args, len(ids) + args.max_tokens, max(len(ids), 1))) as model:
         log.info("%s; policy %s", model.plan.describe(), args.policy)
-        for token in generate(model, Request(tuple(ids), params, args.bits), stats):
+        choice = model.width_choice(args.bits, args.tier, args.avg_bits)
+        log.info("%s", _choice_text(choice, args))
+        for token in generate(model, Request(tuple(ids), params, choice.bits, choice.price), stats):
             out.append(token)
             text = tok.decode(out)
             if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
@@ -117,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 printed = text
         sys.stdout.write(tok.decode(out)[len(printed) :] + "\n")
         rep = _report(model)
+        widths = _widths_report(model, stats.prompt_tokens + stats.generated_tokens)
     c = rep["cache"]
     extra = ""
     if "loader" in rep:
@@ -126,10 +148,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "prefetch_hit_rate" in rep:
             extra += f", next-layer prediction {100 * rep['prefetch_hit_rate']:.0f}%"
     log.info(
-        "%d prompt + %d generated tokens; prefill %.2fs, decode %.1f tok/s; %d-bit experts; %d hits, %d misses, "
-        "%.1f MiB read%s",
+        "%d prompt + %d generated tokens; prefill %.2fs, decode %.1f tok/s; experts at %.2f bits on average; "
+        "%d hits, %d misses, %.1f MiB read%s",
         stats.prompt_tokens, stats.generated_tokens, stats.prefill_seconds, stats.decode_tokens_per_second,
-        args.bits, c["hits"], c["misses"], rep["expert_bytes_read"] / 2**20, extra,
+        widths["avg_bits"] or 0.0, c["hits"], c["misses"], rep["expert_bytes_read"] / 2**20, extra,
     )
     return 0
 
@@ -147,18 +169,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{text_path}: cannot read ({e.strerror})") from None
     _set_threads(args)
     with open_model(_model_path(args), _engine(args, args.context, args.context, full_logits=True)) as model:
-        model.provider.check_budget(args.bits)
+        choice = model.width_choice(args.bits, args.tier, args.avg_bits)
+        model.provider.check_budget(choice.bits)
         ids = model.require_tokenizer().encode(text, add_special_tokens=False).ids
         bar = tqdm(total=min(len(ids), args.max_tokens), unit="tok", desc="eval", disable=args.quiet, leave=False)
 
         def logits_fn(x):
             cache = model.decoder.new_cache(1, x.shape[1])
-            return model.decoder.forward(x, cache, args.bits)
+            return model.decoder.forward(x, cache, choice.bits, price=choice.price)
 
         t0 = time.perf_counter()
         res = perplexity(ids, logits_fn, args.max_tokens, args.context, bar.update)
         bar.close()
         rep = _report(model)
+        widths = _widths_report(model, res.tokens)
     result = {
         "perplexity": res.perplexity,
         "nll": res.nll,
@@ -166,7 +190,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "predicted_tokens": res.predicted,
         "windows": res.windows,
         "context": args.context,
-        "bits": args.bits,
+        "bits": choice.bits,
+        "tier": args.tier,
+        "price": choice.price,
+        "avg_bits": widths["avg_bits"],
+        "expert_bytes_per_token": widths["expert_bytes_per_token"],
+        "widths": widths["widths"],
         "mwq": model.reader.config.mwq.method,
         "expert_bytes_read": rep["expert_bytes_read"],
         "memory_budget": model.plan.budget,
@@ -178,7 +207,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"perplexity {res.perplexity:.3f} over {res.predicted} predicted tokens ({args.bits}-bit experts)")
+        print(f"perplexity {res.perplexity:.3f} over {res.predicted} predicted tokens ({_choice_text(choice, args)}; "
+              f"{widths['avg_bits']:.2f} bits and {widths['expert_bytes_per_token'] / 2**20:.2f} MiB of experts per token)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from d2moe.engine.model import open_model
+    from d2moe.routing.calibrate import calibrate
+    from d2moe.routing.fit import FitConfig
+
+    texts = []
+    for name in args.text:
+        try:
+            texts.append(Path(name).read_text(encoding="utf-8", errors="replace"))
+        except OSError as e:
+            raise FileNotFoundError(f"{name}: cannot read ({e.strerror})") from None
+    _set_threads(args)
+    with open_model(_model_path(args)) as model:
+        tok = model.require_tokenizer()
+        ids = [i for t in texts for i in tok.encode(t, add_special_tokens=False).ids]
+        n_windows = min(len(ids), args.tokens) // args.context
+        layers = len(model.config.moe_layers)
+        bars = {
+            "windows": tqdm(total=n_windows, desc="calibrate: run", unit="win", disable=args.quiet, leave=False),
+            "layers": tqdm(total=layers, desc="calibrate: price widths", unit="layer", disable=args.quiet, leave=False),
+            "fit": tqdm(total=layers, desc="calibrate: fit router two", unit="layer", disable=args.quiet, leave=False),
+        }
+        summary = calibrate(model, ids, tokens=args.tokens, context=args.context, fit=FitConfig(steps=args.steps),
+                            sources=[Path(t).name for t in args.text], progress=lambda what, n: bars[what].update(n))
+        for bar in bars.values():
+            bar.close()
+    tiers = ", ".join(f"{t} {v['avg_bits']:.2f} bits ({100 * v['byte_frac']:.0f} % bytes)"
+                      for t, v in summary["tiers"].items())
+    print(f"calibrated {model.path} on {summary['tokens']} tokens in {summary['seconds']:.0f}s: {tiers}")
     return 0
 
 
@@ -272,6 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-prefetch", action="store_true", help="do not predict the next layer's experts")
         sp.add_argument("--loader-threads", type=_positive, default=1, help="I/O threads (default 1)")
 
+    def width_args(sp: argparse.ArgumentParser) -> None:
+        from d2moe.routing.tiers import TIERS
+
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--bits", type=_bits, default=None, help="every expert at this width, 2..8 (default: the "
+                                                                  "store's widest)")
+        g.add_argument("--tier", choices=TIERS, default=None,
+                       help="quality tier: router two picks each expert's width per token (max = 8 bits, min = "
+                            "2; high/balanced/fast read ~75/50/30 %% of 8-bit expert bytes; needs `d2moe "
+                            "calibrate`, else the nearest fixed width)")
+        g.add_argument("--avg-bits", type=float, default=None, help="router two at this mean width (calibrated)")
+
     run = sub.add_parser("run", help="generate a completion for a prompt")
     model_arg(run)
     run.add_argument("prompt")
@@ -279,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--bits", type=_bits, default=8, help="expert bit-width, 2..8")
+    width_args(run)
     engine_args(run)
     threads_arg(run)
     run.set_defaults(fn=cmd_run)
@@ -287,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="held-out perplexity of a text file")
     model_arg(ev)
     ev.add_argument("--text", required=True)
-    ev.add_argument("--bits", type=_bits, default=8)
+    width_args(ev)
     ev.add_argument("--max-tokens", type=int, default=8192, help="first N tokens of the file")
     ev.add_argument("--context", type=int, default=512, help="window length (non-overlapping)")
     engine_args(ev)
@@ -295,6 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(fn=cmd_eval)
+
+    cal = sub.add_parser("calibrate", help="measure width costs on text, fit router two, calibrate the tiers")
+    model_arg(cal)
+    cal.add_argument("--text", nargs="+", required=True, help="calibration text files (never your eval text)")
+    cal.add_argument("--tokens", type=_positive, default=4096, help="calibration tokens (default 4096)")
+    cal.add_argument("--context", type=_positive, default=256, help="window length (default 256)")
+    cal.add_argument("--steps", type=_positive, default=300, help="fitting steps per layer (default 300)")
+    cal.add_argument("--quiet", action="store_true", help="no progress bars")
+    threads_arg(cal)
+    cal.set_defaults(fn=cmd_calibrate)
 
     info = sub.add_parser("info", help="sizes of a store")
     model_arg(info)

@@ -16,7 +16,8 @@ from d2moe.engine.sampling import SamplingParams, sample
 class Request:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    bits: int = 8
+    bits: int = 8  # the width, or with a price the widest router two may pick
+    price: float | None = None  # router-two byte price (a tier, see routing/tiers.py); None: fixed width
 
 
 @dataclass
@@ -47,7 +48,8 @@ def generate(model: LoadedModel, request: Request, stats: GenerationStats | None
         raise ValueError(f"prompt + max_tokens exceeds the model's context ({cache.max_len})")
     stats.prompt_tokens = len(request.prompt_ids)
     t0 = time.perf_counter()
-    logits = model.decoder.forward(torch.tensor([request.prompt_ids]), cache, request.bits, last_only=True)
+    logits = model.decoder.forward(torch.tensor([request.prompt_ids]), cache, request.bits, last_only=True,
+                                   price=request.price)
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(params.max_tokens):
@@ -59,5 +61,6 @@ def generate(model: LoadedModel, request: Request, stats: GenerationStats | None
         yield token
         if i + 1 == params.max_tokens:
             break
-        logits = model.decoder.forward(torch.tensor([[token]]), cache, request.bits, last_only=True)
+        logits = model.decoder.forward(torch.tensor([[token]]), cache, request.bits, last_only=True,
+                                       price=request.price)
         stats.decode_seconds = time.perf_counter() - t0

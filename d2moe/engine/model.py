@@ -25,30 +25,14 @@ from d2moe.io.loader import SliceLoader
 from d2moe.models.decoder import MoEDecoder
 from d2moe.models.dense import DenseWeight, dense_nbytes, load_dense
 from d2moe.models.moe import WidthRule
-from d2moe.models.widths import HobbitRule, static_widths
+from d2moe.models.widths import HobbitRule, routed_widths, static_widths
+from d2moe.routing.calibration import Calibration, load_calibration, uncalibrated_choice
+from d2moe.routing.tiers import WidthChoice
 from d2moe.quant.kernels import load_kernel
 from d2moe.storage.format import DENSE_FILE, StoreError
 from d2moe.storage.reader import StoreReader
 
 log = logging.getLogger(__name__)
-CALIBRATION_FILE = "calibration.json"
-
-
-def static_width_tables(path: Path) -> dict[int, torch.Tensor] | None:
-    """EdgeMoE's static per-expert widths, {layer: [E] widths}, from the store's calibration (written by
-    `d2moe calibrate`), or None when it has none."""
-    f = Path(path) / CALIBRATION_FILE
-    if not f.is_file():
-        return None
-    try:
-        tables = json.loads(f.read_text()).get("static_widths")
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{f}: cannot read ({e})") from None
-    if not tables:
-        return None
-    return {int(layer): torch.tensor(widths, dtype=torch.int64) for layer, widths in tables.items()}
-
-
 @dataclass
 class LoadedModel:
     path: Path
@@ -60,6 +44,7 @@ class LoadedModel:
     eos_ids: frozenset[int]  # from the model config and the tokenizer's eos_token
     plan: MemoryPlan
     engine: EngineConfig
+    calibration: Calibration | None = None  # tiers and router two (`d2moe calibrate`)
 
     @property
     def config(self) -> ModelConfig:
@@ -68,6 +53,21 @@ class LoadedModel:
     @property
     def cache(self) -> ExpertCache | PlaneCache:
         return self.provider.cache
+
+    def width_choice(self, bits: int | None = None, tier: str | None = None,
+                     avg_bits: float | None = None) -> WidthChoice:
+        """What a request's --bits / --tier / --avg-bits runs as: a fixed width or a router-two price."""
+        max_bits = self.reader.max_bits
+        if tier is None and avg_bits is None:
+            return WidthChoice(bits if bits is not None else max_bits)
+        if avg_bits is not None and not 2 <= avg_bits <= max_bits:
+            raise ValueError(f"--avg-bits must be within 2..{max_bits}")
+        if self.calibration is None:
+            if avg_bits is not None:
+                raise StoreError("--avg-bits needs a calibrated width router: run `d2moe calibrate` on the store")
+            layout = self.reader.config.layout
+            return uncalibrated_choice(tier, max_bits, {b: layout.prefix_bytes(b) for b in range(2, max_bits + 1)})
+        return self.calibration.choice(max_bits=max_bits, tier=tier, avg_bits=avg_bits)
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -153,20 +153,23 @@ def _provider(reader: StoreReader, engine: EngineConfig, plan: MemoryPlan) -> St
     return cls(reader, cache, loader, load_kernel(), max_wait, spec)
 
 
-def _width_rule(spec: PolicySpec, provider: object, path: Path) -> WidthRule | None:
+def _width_rule(spec: PolicySpec, provider: object, calibration: Calibration | None) -> WidthRule | None:
     """The policy's per-(token, expert) width rule (models/widths.py), or None: every chosen expert at its
     token's width."""
     if spec.widths == "hobbit" and isinstance(provider, PipelinedProvider):
         rule = HobbitRule()
-        return lambda layer, r, token_bits: rule(r.idx, r.weight, token_bits, provider.resident_widths(layer))
+        return lambda layer, x, r, token_bits, price: rule(r.idx, r.weight, token_bits, provider.resident_widths(layer))
     if spec.widths == "static":
-        tables = static_width_tables(path)
-        if tables is None:
+        tables = calibration.static_widths if calibration is not None else None
+        if not tables:
             log.info("policy %s: the store has no calibrated per-expert widths (d2moe calibrate); "
                      "every expert runs at the request's width", spec.name)
             return None
-        return lambda layer, r, token_bits: static_widths(r.idx, token_bits, tables[layer])
-    return None
+        return lambda layer, x, r, token_bits, price: static_widths(r.idx, token_bits, tables[layer])
+    router = calibration.router if calibration is not None else None
+    if router is None:
+        return None
+    return lambda layer, x, r, token_bits, price: routed_widths(router, layer, x, r.idx, r.weight, token_bits, price)
 
 
 class HoldProvider(PipelinedProvider):
@@ -194,13 +197,14 @@ def open_model(path: Path, engine: EngineConfig | None = None) -> LoadedModel:
         layout = reader.config.layout
         all_experts = len(cfg.moe_layers) * cfg.num_experts * layout.prefix_bytes(reader.max_bits)
         plan = plan_memory(cfg, engine, dense_bytes, layout, all_experts)
+        calibration = load_calibration(path)
         provider = _provider(reader, engine, plan)
     except BaseException:
         reader.close()
         raise
     spec = policy_spec(engine.policy)
     decoder = MoEDecoder(cfg, dense, provider, prefetch=engine.prefetch and spec.prefetch == "router",
-                         widths=_width_rule(spec, provider, path))
+                         widths=_width_rule(spec, provider, calibration))
     tokenizer = load_tokenizer(path)
     model = LoadedModel(
         path=path,
@@ -212,6 +216,7 @@ def open_model(path: Path, engine: EngineConfig | None = None) -> LoadedModel:
         eos_ids=frozenset(cfg.eos_token_ids) | _eos_from_tokenizer_config(path, tokenizer),
         plan=plan,
         engine=engine,
+        calibration=calibration,
     )
     if isinstance(provider, PipelinedProvider):  # no loader thread outlives a model nobody closed
         weakref.finalize(model, provider.loader.close)

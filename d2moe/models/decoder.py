@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import PREFETCH_MAX_TOKENS, ExpertProvider
 from d2moe.models.layers import KVCache, Rope, attention, embedding, linear, rms_norm, swiglu
-from d2moe.models.moe import WidthRule, moe_block, predict_demands
+from d2moe.models.moe import WidthRule, chosen_widths, moe_block, predict_demands, route
 
 
 class MoEDecoder:
@@ -23,6 +24,8 @@ class MoEDecoder:
         self.provider = provider
         self.prefetch = prefetch  # the next MoE layer's router on this layer's residual stream (HOBBIT, AdapMoE)
         self.widths = widths  # per-(token, expert) width rule (models/widths.py); None: the token's width
+        self.width_hist = torch.zeros(16, dtype=torch.int64)  # (token, chosen expert) pairs run at each width
+        self.tap: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # calibration's probe
         moe = cfg.moe_layers
         self.next_moe = {a: b for a, b in zip(moe, moe[1:])}  # layer -> the MoE layer after it
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.max_position)
@@ -45,12 +48,23 @@ class MoEDecoder:
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache, bits: int | torch.Tensor, *, last_only: bool = False
+        self, tokens: torch.Tensor, cache: KVCache, bits: int | torch.Tensor, *, last_only: bool = False,
+        price: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [B,T] -> logits [B,T,V] (or [B,1,V] with last_only). `bits` per token [B,T] or one int."""
+        """tokens [B,T] -> logits [B,T,V] (or [B,1,V] with last_only). `bits` per token [B,T] or one int:
+        the width, or with a router-two `price` (per token, NaN: fixed width) the widest it may pick."""
+        return self.run(tokens, cache, bits, last_only=last_only, price=price)
+
+    def run(
+        self, tokens: torch.Tensor, cache: KVCache, bits: int | torch.Tensor, *, last_only: bool = False,
+        price: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`forward` without inference mode: calibration differentiates through it (with `tap`)."""
         cfg, w = self.cfg, self.w
         B, T = tokens.shape
         token_bits = bits if isinstance(bits, torch.Tensor) else torch.full((B, T), int(bits))
+        flat_price = None if price is None else (
+            price if isinstance(price, torch.Tensor) else torch.full((B, T), float(price))).reshape(-1)
         h = embedding(tokens, w["embed"])  # the residual stream is fp32 whatever the storage
         for L in range(cfg.num_layers):
             p = f"layers.{L}."
@@ -65,8 +79,13 @@ class MoEDecoder:
                         and self.provider.wants_prefetch(nxt, int(flat_bits.max()))):
                     # the next MoE layer's router on this layer's residual stream, normed as that layer will
                     guess_x = rms_norm(h, w[f"layers.{nxt}.ffn_norm"], cfg.rms_norm_eps).reshape(B * T, -1)
-                    self.provider.prefetch(nxt, predict_demands(guess_x, w[f"layers.{nxt}.router"], cfg, flat_bits))
-                y = moe_block(x.reshape(B * T, -1), w, p, L, cfg, self.provider, flat_bits, widths=self.widths)
+                    guess = route(guess_x, w[f"layers.{nxt}.router"], cfg)
+                    bits_tk = chosen_widths(nxt, guess_x, guess, flat_bits, flat_price, self.widths)
+                    self.provider.prefetch(nxt, predict_demands(guess, bits_tk))
+                y = moe_block(x.reshape(B * T, -1), w, p, L, cfg, self.provider, flat_bits, widths=self.widths,
+                              price=flat_price, width_hist=self.width_hist)
+                if self.tap is not None:
+                    y = self.tap(L, x.reshape(B * T, -1), y)
                 h = h + y.view(B, T, -1)
         cache.length += T
         if last_only:

@@ -40,7 +40,8 @@ def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig) -> Routing:
     return Routing(idx, weight)
 
 
-WidthRule = Callable[[int, Routing, torch.Tensor], torch.Tensor]  # (layer, routing, token bits [T]) -> [T,k]
+# (layer, x [T,H], routing, token bits [T], token price [T] or None) -> widths [T,k] (0: skip); see widths.py
+WidthRule = Callable[[int, torch.Tensor, Routing, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def _many_tokens(
@@ -85,18 +86,25 @@ def _one_token(xf: torch.Tensor, routing: Routing, bits: list[int], layer: int, 
     return weighted_sum([fns[e] for e, _, _ in chosen], [w for _, _, w in chosen], xf)
 
 
-def predict_demands(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig, token_bits: torch.Tensor) -> list:
-    """Cross-layer prediction (HOBBIT, AdapMoE): the next MoE layer's router applied to this layer's input
-    guesses its experts; returns (expert, bits, tokens) demands to prefetch, surest first (most tokens,
-    then best router rank): the provider reads only the bases of the ranks that often guess wrong."""
-    idx = route(x, router, cfg).idx  # [T, k]
-    bits = token_bits.view(-1, 1).expand_as(idx)
+def predict_demands(routing: Routing, bits: torch.Tensor) -> list:
+    """Cross-layer prediction (HOBBIT, AdapMoE): `routing` is the next MoE layer's router applied to this
+    layer's input, `bits` [T,k] the widths its rule gives them (0: skipped); returns (expert, bits, tokens)
+    demands to prefetch, surest first (most tokens, then best router rank): the provider reads only the
+    bases of the ranks that often guess wrong."""
     best: dict[int, tuple[int, int, int]] = {}  # expert -> (tokens, best rank, widest bits)
-    for rank, (e, b) in enumerate(zip(idx.T.reshape(-1).tolist(), bits.T.reshape(-1).tolist())):
+    for rank, (e, b) in enumerate(zip(routing.idx.T.reshape(-1).tolist(), bits.T.reshape(-1).tolist())):
+        if b <= 0:
+            continue
         n, r, w = best.get(e, (0, rank, 0))
         best[e] = (n + 1, min(r, rank), max(w, b))
     order = sorted(best, key=lambda e: (-best[e][0], best[e][1]))
     return [(e, best[e][2], best[e][0]) for e in order]
+
+
+def chosen_widths(layer: int, x: torch.Tensor, routing: Routing, token_bits: torch.Tensor,
+                  price: torch.Tensor | None, widths: WidthRule | None) -> torch.Tensor:
+    """[T,k] width of every chosen expert: the rule's, or every expert at its token's width."""
+    return request_widths(routing.idx, token_bits) if widths is None else widths(layer, x, routing, token_bits, price)
 
 
 def moe_block(
@@ -109,15 +117,24 @@ def moe_block(
     token_bits: torch.Tensor,
     routing: Routing | None = None,
     widths: WidthRule | None = None,
+    price: torch.Tensor | None = None,
+    width_hist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [T,H] (normed hidden), token_bits [T] width per token -> [T,H]. `widths` picks each chosen
-    expert's width (models/widths.py); by default every chosen expert runs at its token's width."""
+    expert's width (models/widths.py), given each token's router-two price (NaN or None: its fixed width);
+    by default every chosen expert runs at its token's width."""
     routing = routing if routing is not None else route(x, w[prefix + "router"], cfg)
     if x.shape[0] == 1:
-        bits = [int(token_bits[0])] * cfg.top_k if widths is None else widths(layer, routing, token_bits)[0].tolist()
+        bits = ([int(token_bits[0])] * cfg.top_k if widths is None
+                else widths(layer, x, routing, token_bits, price)[0].tolist())
+        if width_hist is not None:
+            for b in bits:
+                width_hist[b] += 1
         out = _one_token(x.float(), routing, bits, layer, provider)
     else:
-        bits_tk = request_widths(routing.idx, token_bits) if widths is None else widths(layer, routing, token_bits)
+        bits_tk = chosen_widths(layer, x, routing, token_bits, price, widths)
+        if width_hist is not None:
+            width_hist += torch.bincount(bits_tk.reshape(-1), minlength=width_hist.numel())
         out = _many_tokens(x.float(), routing, bits_tk, layer, cfg, provider)
     if cfg.shared_expert_intermediate:
         shared = swiglu(x, w[prefix + "shared.w1"], w[prefix + "shared.w3"], w[prefix + "shared.w2"])

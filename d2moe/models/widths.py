@@ -7,7 +7,7 @@ the routing, the request's widths and, for HOBBIT, the widths already resident (
   resident if that is at least the low one; experts past a cumulative gate weight of `skip_after` (in
   descending weight order) are skipped;
 - `static_widths` (EdgeMoE): a per-expert width table caps the token's width.
-Router two (dual routing) plugs in here as another rule.
+- `routed_widths` (dual routing): router two's choice at each token's price (routing/width_router.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from d2moe.routing.width_router import WidthRouter
 
 MIN_BITS = 2
 
@@ -46,3 +48,18 @@ class HobbitRule:
         before = weight.gather(-1, order).cumsum(-1) - weight.gather(-1, order)  # weight ahead of each
         skip = torch.zeros_like(cheap).scatter(-1, order, before >= self.skip_after)
         return torch.where(skip, torch.zeros_like(bits), bits)
+
+
+def routed_widths(router: WidthRouter, layer: int, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                  token_bits: torch.Tensor, price: torch.Tensor | None) -> torch.Tensor:
+    """Router two's widths for tokens with a price, capped at the token's width; tokens without one
+    (None or NaN: a fixed-width request) keep their width."""
+    fixed = request_widths(idx, token_bits)
+    if price is None or layer not in router.layers:
+        return fixed
+    routed = ~torch.isnan(price)
+    if not routed.any():
+        return fixed
+    chosen = router.widths_for(layer, x[routed], idx[routed], weight[routed], price[routed])
+    fixed[routed] = torch.minimum(chosen, fixed[routed])
+    return fixed

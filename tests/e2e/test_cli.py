@@ -97,3 +97,28 @@ def test_bad_input_one_line_error(args, message, tmp_path):
 def test_bad_option_values_are_usage_errors(args):
     r = d2moe(*args)
     assert r.returncode == 2 and "d2moe run: error: argument" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_calibrate_then_eval_by_tier(store, tmp_path):
+    cal = tmp_path / "cal.d2m"
+    import shutil
+
+    shutil.copytree(store, cal)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 4)
+    r = d2moe("calibrate", "--model", str(cal), "--text", str(text), "--tokens", "128", "--context", "32",
+              "--steps", "20", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "balanced" in r.stdout
+    res = {}
+    for tier in ("max", "balanced", "min"):
+        r = d2moe("eval", "--model", str(cal), "--text", str(text), "--tier", tier, "--context", "64", "--json")
+        assert r.returncode == 0, r.stderr
+        res[tier] = json.loads(r.stdout)
+    assert res["max"]["avg_bits"] == 8 and res["min"]["avg_bits"] == 2
+    assert res["min"]["expert_bytes_per_token"] < res["balanced"]["expert_bytes_per_token"] <= res["max"][
+        "expert_bytes_per_token"]
+    r = d2moe("eval", "--model", str(store), "--text", str(text), "--avg-bits", "4", "--context", "64")
+    assert r.returncode != 0 and "calibrate" in r.stderr and "Traceback" not in r.stderr
+    r = d2moe("eval", "--model", str(store), "--text", str(text), "--bits", "4", "--tier", "fast")
+    assert r.returncode != 0 and "not allowed with" in r.stderr

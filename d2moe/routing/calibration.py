@@ -1,0 +1,62 @@
+"""A store's calibration as the engine reads it: tier prices, the price curve, EdgeMoE's static widths and
+router two. `calibration.json` is written last by `d2moe calibrate`, so it marks a complete calibration;
+without it the store runs fixed widths."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from d2moe.routing.tiers import TIER_BYTE_TARGETS, PricePoint, WidthChoice, fallback_bits, interpolate_price
+from d2moe.routing.width_router import ROUTER_FILE, WidthRouter
+from d2moe.storage.format import StoreError
+
+CALIBRATION_FILE = "calibration.json"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    tiers: dict[str, dict]
+    curve: list[PricePoint]
+    static_widths: dict[int, torch.Tensor]
+    router: WidthRouter | None
+
+    def choice(self, *, max_bits: int, tier: str | None = None, avg_bits: float | None = None) -> WidthChoice:
+        """A tier or an average width as what the engine runs: fixed ends, router-two prices between."""
+        if avg_bits is not None:
+            if self.router is None:
+                raise StoreError("--avg-bits needs a calibrated width router: run `d2moe calibrate` on the store")
+            return WidthChoice(max_bits, interpolate_price(self.curve, "avg_bits", avg_bits))
+        if tier in (None, "max"):
+            return WidthChoice(max_bits)
+        if tier == "min":
+            return WidthChoice(2)
+        if self.router is None or tier not in self.tiers:
+            raise StoreError(f"tier {tier!r} needs a calibrated width router: run `d2moe calibrate` on the store")
+        return WidthChoice(max_bits, float(self.tiers[tier]["price"]))
+
+
+def load_calibration(store: Path) -> Calibration | None:
+    f = Path(store) / CALIBRATION_FILE
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text())
+        router_file = Path(store) / d.get("router", ROUTER_FILE)
+        router = WidthRouter.load(router_file) if router_file.is_file() else None
+        curve = [PricePoint(**p) for p in d.get("price_curve", [])]
+        static = {int(k): torch.tensor(v, dtype=torch.int64) for k, v in (d.get("static_widths") or {}).items()}
+        return Calibration(d.get("tiers", {}), curve, static, router)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{f}: cannot read the calibration ({e}); re-run `d2moe calibrate`") from None
+
+
+def uncalibrated_choice(tier: str | None, max_bits: int, bytes_per_width: dict[int, int]) -> WidthChoice:
+    """What a tier means for a store without calibration: the fixed width of about its bytes."""
+    return WidthChoice(fallback_bits(tier or "max", max_bits, bytes_per_width))
+
+
+__all__ = ["CALIBRATION_FILE", "Calibration", "TIER_BYTE_TARGETS", "load_calibration", "uncalibrated_choice"]

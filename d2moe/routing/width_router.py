@@ -1,0 +1,81 @@
+"""Router two: per token and chosen expert, a predicted cost for every width; a byte price picks the width.
+
+What it predicts: c[t,k,b], the expected increase of the next-token loss (KL to the full-width model, to
+second order: the Fisher-weighted squared error the width adds to the layer's output) if the k-th expert
+token t chose runs at width b instead of the store's widest. Predicted in log space from the token's MoE
+input x_t, the expert's gate weight and the expert's identity (per layer):
+
+    log c[t,k,:] = (x_t A) B[e_k] + C[e_k] + w_k v            A [H, r], B [E, r, W], C [E, W], v [W]
+
+Choosing: width b* = argmin_b c[t,k,b] + price * bytes[b] / bytes[widest]. Losses and bytes add up over
+tokens, experts and layers, so one price is the Lagrange multiplier of one byte budget: a request's tier is
+just its price (calibrated per tier on calibration text, `tiers.py`), and tokens with different prices run
+in one batch. Price 0 always picks the widest width (cost 0 there by definition); a large price the
+narrowest. The per-token overhead is one [H, r] matvec per MoE layer plus [k, r, W] products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROUTER_FILE = "width_router.safetensors"
+
+
+@dataclass(frozen=True)
+class LayerRouter:
+    A: torch.Tensor  # [H, r]
+    B: torch.Tensor  # [E, r, W]
+    C: torch.Tensor  # [E, W]
+    v: torch.Tensor  # [W]
+
+
+@dataclass(frozen=True)
+class WidthRouter:
+    widths: torch.Tensor  # [W] int64, ascending; the last is the store's widest
+    byte_frac: torch.Tensor  # [W] bytes of an expert at each width / bytes at the widest
+    layers: dict[int, LayerRouter]  # by model layer index
+
+    def log_costs(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [T,H] (the MoE block's input), idx/weight [T,k] -> predicted log cost [T,k,W]; cost at the
+        widest width is pinned to 0 (exp(-inf))."""
+        p = self.layers[layer]
+        z = x.float() @ p.A  # [T, r]
+        out = torch.einsum("tr,tkrw->tkw", z, p.B[idx]) + p.C[idx] + weight.float()[..., None] * p.v
+        out[..., -1] = float("-inf")
+        return out
+
+    def choose(self, log_cost: torch.Tensor, price: torch.Tensor) -> torch.Tensor:
+        """log_cost [T,k,W], price [T] (>= 0) -> widths [T,k]: argmin of cost + price * byte fraction."""
+        total = log_cost.exp() + price.view(-1, 1, 1) * self.byte_frac
+        return self.widths[total.argmin(dim=-1)]
+
+    def widths_for(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                   price: torch.Tensor) -> torch.Tensor:
+        return self.choose(self.log_costs(layer, x, idx, weight), price)
+
+    # ---- files ---------------------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        tensors = {"widths": self.widths, "byte_frac": self.byte_frac}
+        for layer, p in self.layers.items():
+            for name in ("A", "B", "C", "v"):
+                tensors[f"layers.{layer}.{name}"] = getattr(p, name).contiguous()
+        save_file(tensors, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> WidthRouter:
+        t = load_file(str(path))
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in t.items():
+            if key.startswith("layers."):
+                _, layer, name = key.split(".")
+                layers.setdefault(int(layer), {})[name] = value.float()
+        return cls(t["widths"].long(), t["byte_frac"].float(), {k: LayerRouter(**v) for k, v in layers.items()})
+
+
+def load_width_router(store: Path) -> WidthRouter | None:
+    f = Path(store) / ROUTER_FILE
+    return WidthRouter.load(f) if f.is_file() else None

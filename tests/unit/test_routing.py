@@ -1,0 +1,144 @@
+"""Dual routing: router two's choice rule (pure, property-tested), tier prices, and `d2moe calibrate` end to
+end on a tiny store: files written, tiers meet their byte targets on the calibration tokens, requests of
+different tiers run in one batch, and a store without calibration keeps running fixed widths."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d2moe.config import EngineConfig
+from d2moe.convert.convert import convert
+from d2moe.engine.generate import Request, generate
+from d2moe.engine.model import open_model
+from d2moe.engine.sampling import SamplingParams
+from d2moe.routing.calibrate import calibrate
+from d2moe.routing.calibration import CALIBRATION_FILE
+from d2moe.routing.fit import FitConfig
+from d2moe.routing.tiers import TIER_BYTE_TARGETS, PricePoint, interpolate_price
+from d2moe.routing.width_router import ROUTER_FILE, LayerRouter, WidthRouter
+from d2moe.storage.format import StoreError
+
+WIDTHS = torch.arange(2, 9)
+FRAC = torch.linspace(0.28, 1.0, 7)
+
+
+def _router(seed: int, H: int = 8, E: int = 4, r: int = 3) -> WidthRouter:
+    g = torch.Generator().manual_seed(seed)
+    p = LayerRouter(torch.randn(H, r, generator=g), torch.randn(E, r, 7, generator=g),
+                    torch.randn(E, 7, generator=g), torch.randn(7, generator=g))
+    return WidthRouter(WIDTHS, FRAC, {0: p})
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0, 50), st.floats(0, 50))
+def test_a_higher_price_never_picks_a_wider_width(seed, p1, p2):
+    router = _router(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x, idx, w = torch.randn(5, 8, generator=g), torch.randint(0, 4, (5, 2), generator=g), torch.rand(5, 2, generator=g)
+    lc = router.log_costs(0, x, idx, w)
+    lo, hi = sorted((p1, p2))
+    assert (router.choose(lc, torch.full((5,), hi)) <= router.choose(lc, torch.full((5,), lo))).all()
+    assert (router.choose(lc, torch.zeros(5)) == 8).all()  # price 0: the widest (its cost is 0)
+    assert (router.choose(lc, torch.full((5,), 1e30)) == 2).all()
+
+
+def test_router_file_round_trip(tmp_path):
+    router = _router(3)
+    router.save(tmp_path / ROUTER_FILE)
+    back = WidthRouter.load(tmp_path / ROUTER_FILE)
+    x, idx, w = torch.randn(4, 8), torch.randint(0, 4, (4, 2)), torch.rand(4, 2)
+    assert torch.equal(back.log_costs(0, x, idx, w), router.log_costs(0, x, idx, w))
+
+
+def test_price_interpolation():
+    curve = [PricePoint(0.0, 8.0, 1.0), PricePoint(1.0, 6.0, 0.7), PricePoint(3.0, 2.0, 0.3)]
+    assert interpolate_price(curve, "avg_bits", 7.0) == pytest.approx(0.5)
+    assert interpolate_price(curve, "avg_bits", 4.0) == pytest.approx(2.0)
+    assert interpolate_price(curve, "avg_bits", 9.0) == 0.0 and interpolate_price(curve, "avg_bits", 1.0) == 3.0
+
+
+# ---- end to end -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("route")
+    plain = convert(tiny_checkpoints["mixtral"], root / "plain.d2m", progress=False)
+    cal = root / "cal.d2m"
+    shutil.copytree(plain, cal)
+    ids = torch.randint(3, 200, (256,), generator=torch.Generator().manual_seed(0)).tolist()
+    with open_model(cal) as m:
+        summary = calibrate(m, ids, tokens=256, context=64, fit=FitConfig(steps=40))
+    return plain, cal, summary
+
+
+def test_calibrate_writes_a_complete_calibration(stores):
+    _, cal, summary = stores
+    assert (cal / ROUTER_FILE).is_file() and (cal / CALIBRATION_FILE).is_file()
+    assert not list(cal.glob(".*tmp*"))  # no temporary files left
+    data = json.loads((cal / CALIBRATION_FILE).read_text())
+    assert data["tokens"] == 256 and data["widths"] == list(range(2, 9))
+    for tier, target in TIER_BYTE_TARGETS.items():
+        assert abs(data["tiers"][tier]["byte_frac"] - target) < 0.05, tier
+    assert data["tiers"]["high"]["avg_bits"] > data["tiers"]["balanced"]["avg_bits"] > data["tiers"]["fast"]["avg_bits"]
+    layers = list(data["experts"])
+    assert len(data["static_widths"]) == len(layers)
+    pop = data["experts"][layers[0]]["popularity"]
+    assert sum(pop) == pytest.approx(1.0)
+
+
+def _gen(model, choice, n: int = 8) -> list[int]:
+    return list(generate(model, Request((5, 17, 33, 90), SamplingParams(max_tokens=n, stop_on_eos=False),
+                                        choice.bits, choice.price)))
+
+
+def test_tiers_steer_the_widths(stores, one_thread):
+    _, cal, _ = stores
+    avg = {}
+    for tier in ("max", "high", "balanced", "fast", "min"):
+        with open_model(cal, EngineConfig(context=64)) as m:
+            _gen(m, m.width_choice(tier=tier))
+            hist = m.decoder.width_hist
+            avg[tier] = float((hist * torch.arange(16)).sum() / hist.sum())
+    assert avg["max"] == 8 and avg["min"] == 2
+    assert avg["max"] >= avg["high"] >= avg["balanced"] >= avg["fast"] >= avg["min"]
+    assert avg["balanced"] < 8
+    with open_model(cal, EngineConfig(context=64)) as m:
+        assert m.width_choice(avg_bits=5.0).routed
+
+
+def test_mixed_tiers_run_in_one_batch(stores, one_thread):
+    _, cal, _ = stores
+    tokens = torch.tensor([[5, 17, 33, 90, 4, 61], [7, 8, 9, 10, 11, 12]])
+    with open_model(cal, EngineConfig(context=64)) as m:
+        price = m.width_choice(tier="fast").price
+        both = m.decoder.forward(tokens, m.decoder.new_cache(2, 8), 8, price=torch.tensor([[float("nan")] * 6, [price] * 6]))
+        alone8 = m.decoder.forward(tokens[:1], m.decoder.new_cache(1, 8), 8)
+        alone_fast = m.decoder.forward(tokens[1:], m.decoder.new_cache(1, 8), 8, price=price)
+    torch.testing.assert_close(both[:1], alone8, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both[1:], alone_fast, rtol=1e-4, atol=1e-4)
+
+
+def test_uncalibrated_store_runs_tiers_at_fixed_widths(stores):
+    plain, _, _ = stores
+    with open_model(plain, EngineConfig(context=64)) as m:
+        assert m.calibration is None
+        assert not m.width_choice(tier="balanced").routed
+        assert m.width_choice(tier="balanced").bits < 8
+        with pytest.raises(StoreError, match="calibrate"):
+            m.width_choice(avg_bits=4.0)
+
+
+def test_broken_calibration_is_a_clear_error(stores, tmp_path):
+    _, cal, _ = stores
+    bad = tmp_path / "bad.d2m"
+    shutil.copytree(cal, bad)
+    (bad / CALIBRATION_FILE).write_text("{not json")
+    with pytest.raises(StoreError, match="re-run `d2moe calibrate`"):
+        open_model(bad)
