@@ -46,6 +46,13 @@ def _positive(value: str) -> int:
     return n
 
 
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be at least 0")
+    return n
+
+
 def _set_threads(args: argparse.Namespace) -> None:
     """Compute threads for torch and the expert kernel. Their OpenMP regions wait at barriers, so a thread
     that loses its core to another process stalls every step: on a busy machine fewer threads is faster."""
@@ -88,18 +95,6 @@ def _report(model, seconds: float | None = None) -> dict:
     return out
 
 
-def _widths_report(model, tokens: int) -> dict:
-    """avg_bits: mean width over every chosen expert of every token (0 = skipped, not counted);
-    expert_bytes_per_token: bytes those widths need per token, whatever was cached."""
-    hist = model.decoder.width_hist
-    layout = model.reader.config.layout
-    n = int(hist[2:].sum())
-    bits = sum(b * int(hist[b]) for b in range(2, hist.numel()))
-    nbytes = sum(layout.prefix_bytes(b) * int(hist[b]) for b in range(2, model.reader.max_bits + 1))
-    return {"avg_bits": bits / n if n else None, "expert_bytes_per_token": nbytes / tokens if tokens else None,
-            "widths": {b: int(hist[b]) for b in range(hist.numel()) if hist[b]}}
-
-
 def _choice_text(choice, args) -> str:
     if args.tier is None and args.avg_bits is None:
         return f"{choice.bits}-bit experts"
@@ -138,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 printed = text
         sys.stdout.write(tok.decode(out)[len(printed) :] + "\n")
         rep = _report(model)
-        widths = _widths_report(model, stats.prompt_tokens + stats.generated_tokens)
+        widths = model.widths_report(stats.prompt_tokens + stats.generated_tokens)
     c = rep["cache"]
     extra = ""
     if "loader" in rep:
@@ -182,7 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         res = perplexity(ids, logits_fn, args.max_tokens, args.context, bar.update)
         bar.close()
         rep = _report(model)
-        widths = _widths_report(model, res.tokens)
+        widths = model.widths_report(res.tokens)
     result = {
         "perplexity": res.perplexity,
         "nll": res.nll,
@@ -217,6 +212,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from d2moe.engine.model import open_model
     from d2moe.routing.calibrate import calibrate
+    from d2moe.routing.finetune import FinetuneConfig
     from d2moe.routing.fit import FitConfig
 
     texts = []
@@ -235,8 +231,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "windows": tqdm(total=n_windows, desc="calibrate: run", unit="win", disable=args.quiet, leave=False),
             "layers": tqdm(total=layers, desc="calibrate: price widths", unit="layer", disable=args.quiet, leave=False),
             "fit": tqdm(total=layers, desc="calibrate: fit router two", unit="layer", disable=args.quiet, leave=False),
+            "finetune": tqdm(total=args.finetune_steps, desc="calibrate: fine-tune on KL", unit="step",
+                             disable=args.quiet, leave=False),
         }
         summary = calibrate(model, ids, tokens=args.tokens, context=args.context, fit=FitConfig(steps=args.steps),
+                            tune=FinetuneConfig(steps=args.finetune_steps),
                             sources=[Path(t).name for t in args.text], progress=lambda what, n: bars[what].update(n))
         for bar in bars.values():
             bar.close()
@@ -378,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--tokens", type=_positive, default=4096, help="calibration tokens (default 4096)")
     cal.add_argument("--context", type=_positive, default=256, help="window length (default 256)")
     cal.add_argument("--steps", type=_positive, default=300, help="fitting steps per layer (default 300)")
+    cal.add_argument("--finetune-steps", type=_non_negative, default=0,
+                     help="end-to-end KL fine-tuning steps of router two, one window each (default 0)")
     cal.add_argument("--quiet", action="store_true", help="no progress bars")
     threads_arg(cal)
     cal.set_defaults(fn=cmd_calibrate)

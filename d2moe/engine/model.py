@@ -26,7 +26,7 @@ from d2moe.models.decoder import MoEDecoder
 from d2moe.models.dense import DenseWeight, dense_nbytes, load_dense
 from d2moe.models.moe import WidthRule
 from d2moe.models.widths import HobbitRule, routed_widths, static_widths
-from d2moe.routing.calibration import Calibration, load_calibration, uncalibrated_choice
+from d2moe.routing.calibration import Calibration, load_calibration
 from d2moe.routing.tiers import WidthChoice
 from d2moe.quant.kernels import load_kernel
 from d2moe.storage.format import DENSE_FILE, StoreError
@@ -63,16 +63,28 @@ class LoadedModel:
         if avg_bits is not None and not 2 <= avg_bits <= max_bits:
             raise ValueError(f"--avg-bits must be within 2..{max_bits}")
         if self.calibration is None:
-            if avg_bits is not None:
-                raise StoreError("--avg-bits needs a calibrated width router: run `d2moe calibrate` on the store")
-            layout = self.reader.config.layout
-            return uncalibrated_choice(tier, max_bits, {b: layout.prefix_bytes(b) for b in range(2, max_bits + 1)})
+            if avg_bits is None and tier in ("max", "min"):
+                return WidthChoice(max_bits if tier == "max" else 2)
+            what = "--avg-bits" if avg_bits is not None else f"tier {tier!r}"
+            raise StoreError(f"{what} needs a calibrated width router, and {self.path} has none: run "
+                             f"`d2moe calibrate --model {self.path} --text FILE...` (or use --bits)")
         return self.calibration.choice(max_bits=max_bits, tier=tier, avg_bits=avg_bits)
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise StoreError(f"{self.path}: no tokenizer.json in the store; convert from a checkpoint that has one")
         return self.tokenizer
+
+    def widths_report(self, tokens: int) -> dict:
+        """avg_bits: mean width over every chosen expert of every token since the model opened (0 = skipped,
+        not counted); expert_bytes_per_token: bytes those widths need per token, whatever was cached."""
+        hist = self.decoder.width_hist
+        layout = self.reader.config.layout
+        n = int(hist[2:].sum())
+        bits = sum(b * int(hist[b]) for b in range(2, hist.numel()))
+        nbytes = sum(layout.prefix_bytes(b) * int(hist[b]) for b in range(2, self.reader.max_bits + 1))
+        return {"avg_bits": bits / n if n else None, "expert_bytes_per_token": nbytes / tokens if tokens else None,
+                "widths": {b: int(hist[b]) for b in range(hist.numel()) if hist[b]}}
 
     def expert_bytes_read(self) -> int:
         if isinstance(self.provider, PipelinedProvider):

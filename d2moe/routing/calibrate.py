@@ -21,6 +21,7 @@ import torch
 from d2moe.engine.model import LoadedModel
 from d2moe.routing.calibration import CALIBRATION_FILE
 from d2moe.routing.collect import LayerRecord, collect, token_windows
+from d2moe.routing.finetune import FinetuneConfig, finetune
 from d2moe.routing.fit import FitConfig, fit_router, price_curve, tier_prices
 from d2moe.routing.width_router import ROUTER_FILE
 
@@ -78,7 +79,8 @@ def static_widths(stats: dict, widths: list[int], byte_frac: list[float], target
 
 
 def calibrate(model: LoadedModel, ids: list[int], *, tokens: int = 4096, context: int = 256,
-              fit: FitConfig = FitConfig(), sources: list[str] | None = None,
+              fit: FitConfig = FitConfig(), tune: FinetuneConfig | None = None,
+              sources: list[str] | None = None,
               progress: Callable[[str, int], None] | None = None) -> dict:
     """Run the whole calibration on token `ids` and write it into the model's store; returns the summary."""
     t0 = time.perf_counter()
@@ -89,6 +91,11 @@ def calibrate(model: LoadedModel, ids: list[int], *, tokens: int = 4096, context
     windows = token_windows(ids, context, tokens)
     records = collect(model, windows, widths, progress)
     router, fit_error = fit_router(records, widths, byte_frac, model.config.num_experts, fit, progress)
+    tune_log: list[dict] = []
+    if tune is not None and tune.steps > 0:
+        first = tier_prices(router, records)
+        prices = (first["high"]["price"], first["fast"]["price"])
+        router, tune_log = finetune(model, router, windows, prices, tune, progress)
     stats = expert_stats(records, model.config.num_experts, widths)
     summary = {
         "version": CALIBRATION_VERSION,
@@ -99,6 +106,7 @@ def calibrate(model: LoadedModel, ids: list[int], *, tokens: int = 4096, context
         "widths": widths,
         "byte_frac": byte_frac,
         "fit": asdict(fit) | {"mean_squared_log_error": fit_error and sum(fit_error.values()) / len(fit_error)},
+        "finetune": tune and asdict(tune) | {"log": tune_log[-8:]},
         "tiers": tier_prices(router, records),
         "price_curve": [asdict(p) for p in price_curve(router, records)],
         "experts": stats,

@@ -1,6 +1,6 @@
 """A store's calibration as the engine reads it: tier prices, the price curve, EdgeMoE's static widths and
 router two. `calibration.json` is written last by `d2moe calibrate`, so it marks a complete calibration;
-without it the store runs fixed widths."""
+without it the store runs fixed widths (`--bits`, tiers `max` and `min`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from d2moe.routing.tiers import TIER_BYTE_TARGETS, PricePoint, WidthChoice, fallback_bits, interpolate_price
+from d2moe.routing.tiers import TIER_BYTE_TARGETS, PricePoint, WidthChoice, interpolate_price
 from d2moe.routing.width_router import ROUTER_FILE, WidthRouter
 from d2moe.storage.format import StoreError
 
@@ -54,9 +54,4 @@ def load_calibration(store: Path) -> Calibration | None:
         raise StoreError(f"{f}: cannot read the calibration ({e}); re-run `d2moe calibrate`") from None
 
 
-def uncalibrated_choice(tier: str | None, max_bits: int, bytes_per_width: dict[int, int]) -> WidthChoice:
-    """What a tier means for a store without calibration: the fixed width of about its bytes."""
-    return WidthChoice(fallback_bits(tier or "max", max_bits, bytes_per_width))
-
-
-__all__ = ["CALIBRATION_FILE", "Calibration", "TIER_BYTE_TARGETS", "load_calibration", "uncalibrated_choice"]
+__all__ = ["CALIBRATION_FILE", "Calibration", "TIER_BYTE_TARGETS", "load_calibration"]

@@ -48,13 +48,3 @@ def interpolate_price(curve: list[PricePoint], key: str, target: float) -> float
             f = 0.0 if va == vb else (va - target) / (va - vb)
             return a.price + f * (b.price - a.price)
     return pts[-1].price
-
-
-def fallback_bits(tier: str, max_bits: int, bytes_per_width: dict[int, int]) -> int:
-    """Without a router: the widest fixed width whose bytes fit the tier's target."""
-    if tier == "max":
-        return max_bits
-    if tier == "min":
-        return 2
-    budget = TIER_BYTE_TARGETS[tier] * bytes_per_width[max_bits]
-    return max((b for b, n in bytes_per_width.items() if n <= budget), default=2)

@@ -118,7 +118,8 @@ def test_calibrate_then_eval_by_tier(store, tmp_path):
     assert res["max"]["avg_bits"] == 8 and res["min"]["avg_bits"] == 2
     assert res["min"]["expert_bytes_per_token"] < res["balanced"]["expert_bytes_per_token"] <= res["max"][
         "expert_bytes_per_token"]
-    r = d2moe("eval", "--model", str(store), "--text", str(text), "--avg-bits", "4", "--context", "64")
-    assert r.returncode != 0 and "calibrate" in r.stderr and "Traceback" not in r.stderr
+    for flag in (["--avg-bits", "4"], ["--tier", "balanced"]):
+        r = d2moe("eval", "--model", str(store), "--text", str(text), *flag, "--context", "64")
+        assert r.returncode != 0 and "d2moe calibrate" in r.stderr and "Traceback" not in r.stderr
     r = d2moe("eval", "--model", str(store), "--text", str(text), "--bits", "4", "--tier", "fast")
     assert r.returncode != 0 and "not allowed with" in r.stderr

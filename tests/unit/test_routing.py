@@ -125,14 +125,15 @@ def test_mixed_tiers_run_in_one_batch(stores, one_thread):
     torch.testing.assert_close(both[1:], alone_fast, rtol=1e-4, atol=1e-4)
 
 
-def test_uncalibrated_store_runs_tiers_at_fixed_widths(stores):
+def test_uncalibrated_store_runs_fixed_widths_only(stores):
     plain, _, _ = stores
     with open_model(plain, EngineConfig(context=64)) as m:
         assert m.calibration is None
-        assert not m.width_choice(tier="balanced").routed
-        assert m.width_choice(tier="balanced").bits < 8
-        with pytest.raises(StoreError, match="calibrate"):
-            m.width_choice(avg_bits=4.0)
+        assert m.width_choice(bits=4).bits == 4 and not m.width_choice(bits=4).routed
+        assert m.width_choice(tier="max").bits == 8 and m.width_choice(tier="min").bits == 2
+        for kw in ({"tier": "balanced"}, {"tier": "fast"}, {"avg_bits": 4.0}):
+            with pytest.raises(StoreError, match="d2moe calibrate"):
+                m.width_choice(**kw)
 
 
 def test_broken_calibration_is_a_clear_error(stores, tmp_path):
@@ -142,3 +143,22 @@ def test_broken_calibration_is_a_clear_error(stores, tmp_path):
     (bad / CALIBRATION_FILE).write_text("{not json")
     with pytest.raises(StoreError, match="re-run `d2moe calibrate`"):
         open_model(bad)
+
+
+def test_finetune_lowers_the_kl_plus_bytes_loss(stores, one_thread):
+    """End-to-end training of router two at one price: the loss (KL to the widest model + price x bytes) on
+    the same windows falls, and the tuned router still picks wider widths at lower prices."""
+    from d2moe.routing.finetune import FinetuneConfig, finetune
+
+    _, cal, summary = stores
+    price = summary["tiers"]["balanced"]["price"]
+    windows = torch.randint(3, 200, (4, 32), generator=torch.Generator().manual_seed(1))
+    with open_model(cal, EngineConfig(context=64)) as m:
+        router = m.calibration.router
+        tuned, log = finetune(m, router, windows, (price, price), FinetuneConfig(steps=24, lr=0.02))
+    first = sum(r["loss"] for r in log[:4]) / 4
+    last = sum(r["loss"] for r in log[-4:]) / 4
+    assert last < first
+    x, idx, w = torch.randn(6, m.config.hidden_size), torch.randint(0, m.config.num_experts, (6, 2)), torch.rand(6, 2)
+    lc = tuned.log_costs(min(tuned.layers), x, idx, w)
+    assert (tuned.choose(lc, torch.full((6,), price * 10)) <= tuned.choose(lc, torch.full((6,), price))).all()
