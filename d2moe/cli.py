@@ -53,6 +53,13 @@ def _non_negative(value: str) -> int:
     return n
 
 
+def _positive_ms(value: str) -> float:
+    ms = float(value)
+    if not ms > 0 or ms == float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of milliseconds")
+    return ms / 1000
+
+
 def _set_threads(args: argparse.Namespace) -> None:
     """Compute threads for torch and the expert kernel. Their OpenMP regions wait at barriers, so a thread
     that loses its core to another process stalls every step: on a busy machine fewer threads is faster."""
@@ -124,7 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("%s; policy %s", model.plan.describe(), args.policy)
         choice = model.width_choice(args.bits, args.tier, args.avg_bits)
         log.info("%s", _choice_text(choice, args))
-        for token in generate(model, Request(tuple(ids), params, choice.bits, choice.price), stats):
+        request = Request(tuple(ids), params, choice.bits, choice.price, deadline=args.deadline)
+        for token in generate(model, request, stats):
             out.append(token)
             text = tok.decode(out)
             if not text.endswith("\ufffd"):  # hold back incomplete UTF-8 sequences
@@ -354,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--deadline", type=_positive_ms, default=None, metavar="MS",
+                     help="per decode step: high planes still loading when a layer's share of it runs out are "
+                          "skipped (the expert computes at its resident width; counted in the log)")
     width_args(run)
     engine_args(run)
     threads_arg(run)

@@ -73,6 +73,7 @@ class PipelinedProvider:
         self.reader, self.cache, self.loader, self.kernel = reader, cache, loader, kernel
         self.layout = reader.config.layout
         self.max_wait = max_wait
+        self.deadline: float | None = None  # the running step's deadline (perf_counter time), set_deadline()
         self.spec = spec or policy_spec("d2moe")
         model = reader.config.model
         self.top_k = model.top_k
@@ -224,6 +225,7 @@ class PipelinedProvider:
             remaining = {(e, b) for e, b, _ in demands}
             rank = 0
             first = True
+            limit = self._wait_limit(pos)
             since = time.perf_counter()
             while remaining:
                 self._poll()
@@ -246,7 +248,7 @@ class PipelinedProvider:
                 layer_reads = [f for (p, e, _), f in self.inflight.items() if p == pos and e in pinned]
                 if not ready:
                     stuck = blocked and not self.inflight  # no read will land to make room: compute what we have
-                    ready = self._degraded(pos, remaining, stuck, time.perf_counter() - since)
+                    ready = self._degraded(pos, remaining, stuck, time.perf_counter() - since, limit)
                 if ready:
                     used = [(e, b, min(b, self.cache.resident_bits(pos, e))) for e, b in ready]
                     yield [(e, b, self._fn(pos, e, have)) for e, b, have in used]
@@ -268,8 +270,7 @@ class PipelinedProvider:
                 # a deadline only matters while some remaining expert has its base (something to degrade
                 # to); otherwise block until a read lands (a zero timeout here would spin and starve the loader)
                 degradable = any(self.cache.resident_bits(pos, e) >= MIN_BITS for e, _ in remaining)
-                timeout = (None if self.max_wait is None or not degradable
-                           else max(self.max_wait - (t0 - since), 0.0))
+                timeout = None if limit is None or not degradable else max(limit - (t0 - since), 0.0)
                 wait(futs, timeout=timeout, return_when=FIRST_COMPLETED)
                 t1 = time.perf_counter()
                 self.stats.io_wait_seconds += t1 - t0
@@ -343,10 +344,24 @@ class PipelinedProvider:
         rest = [(e, lo + 1, hi) if lo == MIN_BITS else (e, lo, hi) for e, lo, hi in chunks if hi > lo or lo > MIN_BITS]
         return bases + rest
 
-    def _degraded(self, pos: int, remaining: set[tuple[int, int]], stuck: bool, waited: float) -> list:
+    def set_deadline(self, deadline: float | None) -> None:
+        """The coming step should end by `deadline` (time.perf_counter()); None: no deadline. Layers then
+        wait for late planes at most their share of the time left, and compute with what is resident after."""
+        self.deadline = deadline
+
+    def _wait_limit(self, pos: int) -> float | None:
+        """How long layer `pos` may wait for late planes: `max_wait` (--no-stall: 0), and with a step deadline
+        an equal share of the time left among the MoE layers still to run; None: wait for every plane."""
+        limits = [] if self.max_wait is None else [self.max_wait]
+        if self.deadline is not None and self.spec.degrade:
+            limits.append(max(self.deadline - time.perf_counter(), 0.0) / (len(self.layers) - pos))
+        return min(limits) if limits else None
+
+    def _degraded(self, pos: int, remaining: set[tuple[int, int]], stuck: bool, waited: float,
+                  limit: float | None) -> list:
         """Experts to compute below their demanded width: when reads cannot be issued for lack of room
-        (everything else pinned), or when high planes are late beyond `max_wait`. Needs the base."""
-        late = self.max_wait is not None and waited >= self.max_wait
+        (everything else pinned), or when high planes are late beyond `limit` (_wait_limit). Needs the base."""
+        late = limit is not None and waited >= limit
         if not (late or stuck):
             return []
         usable = [(self.cache.resident_bits(pos, e), e, b) for e, b in remaining]

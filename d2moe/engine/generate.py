@@ -18,6 +18,7 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     bits: int = 8  # the width, or with a price the widest router two may pick
     price: float | None = None  # router-two byte price (a tier, see routing/tiers.py); None: fixed width
+    deadline: float | None = None  # seconds per decode step; late high planes are then skipped (degraded)
 
 
 @dataclass
@@ -61,6 +62,12 @@ def generate(model: LoadedModel, request: Request, stats: GenerationStats | None
         yield token
         if i + 1 == params.max_tokens:
             break
-        logits = model.decoder.forward(torch.tensor([[token]]), cache, request.bits, last_only=True,
-                                       price=request.price)
+        if request.deadline is not None and hasattr(model.provider, "set_deadline"):
+            model.provider.set_deadline(time.perf_counter() + request.deadline)
+        try:
+            logits = model.decoder.forward(torch.tensor([[token]]), cache, request.bits, last_only=True,
+                                           price=request.price)
+        finally:
+            if request.deadline is not None and hasattr(model.provider, "set_deadline"):
+                model.provider.set_deadline(None)
         stats.decode_seconds = time.perf_counter() - t0

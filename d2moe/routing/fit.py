@@ -16,7 +16,7 @@ import torch
 
 from d2moe.routing.collect import LayerRecord
 from d2moe.routing.tiers import TIER_BYTE_TARGETS, PricePoint
-from d2moe.routing.width_router import LayerRouter, WidthRouter
+from d2moe.routing.width_router import LayerRouter, WidthRouter, layer_log_costs
 
 LOG_FLOOR = 1e-12  # costs below this are "free" (log space needs a floor)
 
@@ -46,7 +46,7 @@ def fit_layer(rec: LayerRecord, num_experts: int, cfg: FitConfig) -> tuple[Layer
     with torch.enable_grad():
         for _ in range(cfg.steps):
             opt.zero_grad()
-            pred = torch.einsum("tr,tkrw->tkw", x @ A, B[rec.idx]) + C[rec.idx] + rec.weight[..., None] * v
+            pred = layer_log_costs(x @ A, B, C, v, rec.idx, rec.weight)
             loss = (pred - target).pow(2).mean()
             loss.backward()
             opt.step()

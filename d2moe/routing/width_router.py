@@ -25,6 +25,20 @@ from safetensors.torch import load_file, save_file
 ROUTER_FILE = "width_router.safetensors"
 
 
+def layer_log_costs(z: torch.Tensor, B: torch.Tensor, C: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:
+    """z = x A [T,r], B [E,r,W], C [E,W], v [W], idx/weight [T,k] -> (z B[e] + C[e] + w v) [T,k,W]. Every
+    expert's row is computed ([T,r] @ [r,E*W]) and the chosen ones gathered: cheaper, forward and backward,
+    than gathering B per (token, expert) ([T,k,r,W]; `layer_log_costs_reference`)."""
+    T, (E, r, W), k = z.shape[0], B.shape, idx.shape[1]
+    every = (z @ B.permute(1, 0, 2).reshape(r, E * W)).view(T, E, W) + C  # [T, E, W]
+    return every.gather(1, idx[..., None].expand(T, k, W)) + weight[..., None] * v
+
+
+def layer_log_costs_reference(z, B, C, v, idx, weight) -> torch.Tensor:
+    return torch.einsum("tr,tkrw->tkw", z, B[idx]) + C[idx] + weight[..., None] * v
+
+
 @dataclass(frozen=True)
 class LayerRouter:
     A: torch.Tensor  # [H, r]
@@ -43,8 +57,7 @@ class WidthRouter:
         """x [T,H] (the MoE block's input), idx/weight [T,k] -> predicted log cost [T,k,W]; cost at the
         widest width is pinned to 0 (exp(-inf))."""
         p = self.layers[layer]
-        z = x.float() @ p.A  # [T, r]
-        out = torch.einsum("tr,tkrw->tkw", z, p.B[idx]) + p.C[idx] + weight.float()[..., None] * p.v
+        out = layer_log_costs(x.float() @ p.A, p.B, p.C, p.v, idx, weight.float())  # [T, k, W]
         out[..., -1] = float("-inf")
         return out
 

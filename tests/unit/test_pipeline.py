@@ -173,3 +173,18 @@ def test_generation_stats_and_close_are_idempotent(store):
     assert st.generated_tokens == 3
     m.close()
     m.close()
+
+
+def test_a_step_deadline_degrades_late_planes(store, one_thread):
+    """A per-request deadline of ~0 on every decode step: experts whose high planes are not resident compute
+    at the width they have instead of waiting; without it the same budget never degrades."""
+    low = _minimum(store) + 8 * 4096
+    with open_model(store, EngineConfig(context=64, step_tokens=len(PROMPT), memory_budget=low)) as m:
+        toks = list(generate(m, Request(PROMPT, SamplingParams(max_tokens=12, stop_on_eos=False), 8,
+                                        deadline=1e-9)))
+        assert len(toks) == 12 and m.provider.deadline is None  # cleared after each step
+        late = {k: n for k, n in m.provider.stats.degraded.items()}
+    assert late and all(have < want for want, have in late)
+    _, ref = _tokens(store, 8, memory_budget=low)
+    stuck_only = sum(ref.provider.stats.degraded.values())
+    assert sum(late.values()) > stuck_only

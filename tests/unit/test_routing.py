@@ -162,3 +162,15 @@ def test_finetune_lowers_the_kl_plus_bytes_loss(stores, one_thread):
     x, idx, w = torch.randn(6, m.config.hidden_size), torch.randint(0, m.config.num_experts, (6, 2)), torch.rand(6, 2)
     lc = tuned.log_costs(min(tuned.layers), x, idx, w)
     assert (tuned.choose(lc, torch.full((6,), price * 10)) <= tuned.choose(lc, torch.full((6,), price))).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 9), st.integers(1, 4))
+def test_log_costs_fast_path_matches_reference(seed, T, k):
+    from d2moe.routing.width_router import layer_log_costs, layer_log_costs_reference
+
+    g = torch.Generator().manual_seed(seed)
+    z, B, C, v = torch.randn(T, 3, generator=g), torch.randn(5, 3, 7, generator=g), torch.randn(5, 7, generator=g), \
+        torch.randn(7, generator=g)
+    idx, w = torch.randint(0, 5, (T, k), generator=g), torch.rand(T, k, generator=g)
+    torch.testing.assert_close(layer_log_costs(z, B, C, v, idx, w), layer_log_costs_reference(z, B, C, v, idx, w))
