@@ -96,6 +96,7 @@ def _report(model, seconds: float | None = None) -> dict:
         out["io_wait_seconds"] = round(provider.io_wait_seconds, 4)
         out["loader"] = model.provider.loader.mode
         out["degraded"] = {f"{want}->{have}": n for (want, have), n in sorted(provider.degraded.items())}
+        out["warmed_layers"] = provider.warmed
         rates = provider.prediction_hit_rate()
         if rates:
             out["prefetch_hit_rate"] = round(sum(rates.values()) / len(rates), 4)

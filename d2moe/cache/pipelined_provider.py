@@ -48,6 +48,7 @@ class PipelineStats:
     io_wait_seconds: float = 0.0  # compute thread blocked on a read (the bubbles)
     needed_bytes: int = 0  # bytes the demanded widths lacked before their layer's prefetch and demand reads
     wait_events: list[tuple[float, float]] = field(default_factory=list)  # (t0, t1) of waits, if recorded
+    warmed: int = 0  # layers read ahead after a prefill (warm)
     degraded: Counter = field(default_factory=Counter)  # (demanded, used) width -> expert computations
     computed: int = 0  # expert computations yielded
     widths: Counter = field(default_factory=Counter)  # width an expert was computed at -> computations
@@ -380,6 +381,17 @@ class PipelinedProvider:
         """A prediction for a later layer. Its reads are queued once the current layer's demands are pinned
         and queued (so a prefetch never takes the slots the current layer is about to need)."""
         self._hint = (layer, demands)
+
+    def warm(self, predictions: list[tuple[int, list[Demand]]]) -> None:
+        """After a prefill (SliceMoE's predictive warm-up): queue each predicted layer's slices now, first
+        layer first, at prefetch priority; a read only evicts slices expected later than its layer."""
+        if self.spec.prefetch == "none":
+            return
+        for layer, demands in predictions:
+            if demands and self.wants_prefetch(layer, max(b for _, b, _ in demands)):
+                self.stats.warmed += 1
+                self.prefetch(layer, demands)
+                self._issue_prefetch()
 
     def _issue_prefetch(self) -> None:
         """Queue the predicted layer's slices at low priority, bases first; evict only what the cache

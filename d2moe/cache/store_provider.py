@@ -76,6 +76,9 @@ class StoreExpertProvider:
     def prefetch(self, layer: int, demands: list[Demand]) -> None:
         pass
 
+    def warm(self, predictions: list[tuple[int, list[Demand]]]) -> None:
+        pass
+
     def experts(self, layer: int, demands: list[Demand], hold: bool = False) -> Iterator[ReadyBatch]:
         """Entries are tensors kept alive by the functions yielded, so `hold` needs nothing here."""
         missing, resident = [], []

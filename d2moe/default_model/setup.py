@@ -12,9 +12,11 @@ import torch
 from d2moe.convert.convert import CANONICAL_MARKER
 from d2moe.default_model.gguf_llama import find_smollm2_gguf
 from d2moe.default_model.paths import default_checkpoint_dir, default_model_dir, default_texts_dir
+from d2moe.routing.calibration import CALIBRATION_FILE
 
 log = logging.getLogger(__name__)
 DEFAULT_DENSE_DTYPE = torch.float16
+CALIBRATION_WINDOWS = 16  # x 256 tokens from the other plays (never Hamlet): router two and the tiers
 
 
 def ensure_default_model(force: bool = False, progress: bool = True) -> Path:
@@ -25,6 +27,8 @@ def ensure_default_model(force: bool = False, progress: bool = True) -> Path:
     """
     out = default_model_dir()
     if (out / "config.json").is_file() and not force:
+        if not (out / CALIBRATION_FILE).is_file():
+            calibrate_default(out, default_texts_dir(), progress)
         return out
     gguf = find_smollm2_gguf()
     if gguf is None:
@@ -48,5 +52,27 @@ def ensure_default_model(force: bool = False, progress: bool = True) -> Path:
         log.info("MoEfication report: %s", report)
     # fp16 dense matrices: half the resident bytes, and the 49K-row head reads 5x faster than fp32.
     convert(ckpt, out, MWQConfig(), dense_dtype=DEFAULT_DENSE_DTYPE, overwrite=force, progress=progress)
+    calibrate_default(out, texts, progress)
     log.info("default model ready at %s (%.0fs)", out, time.perf_counter() - t0)
     return out
+
+
+def calibrate_default(store: Path, texts: Path, progress: bool = True) -> dict:
+    """`d2moe calibrate` on the default model: windows drawn from every play but the held-out one."""
+    from tqdm import tqdm
+
+    from d2moe.default_model.corpus import calibration_windows
+    from d2moe.engine.model import open_model
+    from d2moe.routing.calibrate import calibrate
+
+    t0 = time.perf_counter()
+    with open_model(store) as model:
+        windows, files = calibration_windows(model.require_tokenizer(), texts, CALIBRATION_WINDOWS, seed=1)
+        bar = tqdm(desc="calibrating widths", unit="step", disable=not progress, leave=False)
+        summary = calibrate(model, windows.reshape(-1).tolist(), tokens=windows.numel(), context=windows.shape[1],
+                            sources=list(files), progress=lambda what, n: bar.update(n))
+        bar.close()
+    tiers = ", ".join(f"{t} {v['avg_bits']:.2f} bits" for t, v in summary["tiers"].items())
+    log.info("calibrated router two and the tiers on %d tokens (%.0fs): %s", summary["tokens"],
+             time.perf_counter() - t0, tiers)
+    return summary

@@ -11,6 +11,10 @@ from d2moe.models.expert_provider import PREFETCH_MAX_TOKENS, ExpertProvider
 from d2moe.models.layers import KVCache, Rope, attention, embedding, linear, rms_norm, swiglu
 from d2moe.models.moe import WidthRule, chosen_widths, moe_block, predict_demands, route
 
+# After a prefill, the first MoE layers' experts of the prompt's last token are read ahead for the first
+# decode step (SliceMoE's predictive warm-up): by then the cache holds the prompt's last layers.
+WARM_LAYERS = 4
+
 
 class MoEDecoder:
     """Holds the dense (always resident) weights; experts come from `provider` on demand."""
@@ -66,6 +70,7 @@ class MoEDecoder:
         flat_price = None if price is None else (
             price if isinstance(price, torch.Tensor) else torch.full((B, T), float(price))).reshape(-1)
         h = embedding(tokens, w["embed"])  # the residual stream is fp32 whatever the storage
+        warm = []  # prefill: (layer, the last token's demands), to warm the cache for the decode that follows
         for L in range(cfg.num_layers):
             p = f"layers.{L}."
             h = h + attention(rms_norm(h, w[p + "attn_norm"], cfg.rms_norm_eps), w, p, cfg, self.rope, cache, L)
@@ -82,11 +87,19 @@ class MoEDecoder:
                     guess = route(guess_x, w[f"layers.{nxt}.router"], cfg)
                     bits_tk = chosen_widths(nxt, guess_x, guess, flat_bits, flat_price, self.widths)
                     self.provider.prefetch(nxt, predict_demands(guess, bits_tk))
+                if self.prefetch and B * T > PREFETCH_MAX_TOKENS and len(warm) < WARM_LAYERS:
+                    last = x[:, -1].reshape(B, -1)  # [B, H]: each sequence's last token
+                    r = route(last, w[p + "router"], cfg)
+                    lb = token_bits[:, -1]
+                    lp = None if flat_price is None else flat_price.view(B, T)[:, -1]
+                    warm.append((L, predict_demands(r, chosen_widths(L, last, r, lb, lp, self.widths))))
                 y = moe_block(x.reshape(B * T, -1), w, p, L, cfg, self.provider, flat_bits, widths=self.widths,
                               price=flat_price, width_hist=self.width_hist)
                 if self.tap is not None:
                     y = self.tap(L, x.reshape(B * T, -1), y)
                 h = h + y.view(B, T, -1)
+        if warm:
+            self.provider.warm(warm)
         cache.length += T
         if last_only:
             h = h[:, -1:]

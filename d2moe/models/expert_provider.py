@@ -49,6 +49,10 @@ class ExpertProvider(Protocol):
         """A hint: `layer` will probably demand these soon (providers without I/O ignore it)."""
         ...
 
+    def warm(self, predictions: list[tuple[int, list[Demand]]]) -> None:
+        """After a prefill: read ahead what the first decode step will probably demand, layer by layer."""
+        ...
+
 
 class TensorExpertProvider:
     """Unquantized experts held as float tensors (the reference path; `bits` is ignored)."""
@@ -67,4 +71,7 @@ class TensorExpertProvider:
         return False
 
     def prefetch(self, layer: int, demands: list[Demand]) -> None:
+        pass
+
+    def warm(self, predictions: list[tuple[int, list[Demand]]]) -> None:
         pass

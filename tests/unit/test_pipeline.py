@@ -188,3 +188,19 @@ def test_a_step_deadline_degrades_late_planes(store, one_thread):
     _, ref = _tokens(store, 8, memory_budget=low)
     stuck_only = sum(ref.provider.stats.degraded.values())
     assert sum(late.values()) > stuck_only
+
+
+def test_prefill_warms_the_first_decode_layers(store, one_thread):
+    """After a prefill the last prompt token's experts of the first MoE layers are read ahead (counted), and
+    the first decode step finds them: its first MoE layer is predicted at least as well as by chance."""
+    budget = _minimum(store) + 16 * 4096
+    with open_model(store, EngineConfig(context=64, step_tokens=len(PROMPT), memory_budget=budget)) as m:
+        cache = m.decoder.new_cache(1, 32)
+        m.decoder.forward(torch.tensor([PROMPT]), cache, 8, last_only=True)
+        assert m.provider.stats.warmed >= 1
+        first = m.config.moe_layers[0]
+        assert m.provider.predicted.get(m.provider.pos[first])  # a guess is waiting for the first layer
+        issued = m.provider.stats.prefetch_issued
+        assert issued > 0
+        m.decoder.forward(torch.tensor([[PROMPT[-1]]]), cache, 8, last_only=True)
+        assert first in m.provider.stats.predicted  # the warm-up's guess was scored against the real demand
