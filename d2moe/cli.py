@@ -255,29 +255,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from d2moe.engine.model import open_model
+    from d2moe.engine.store_info import format_info, store_info
 
-    model = open_model(_model_path(args))
-    model.close()
-    r, cfg = model.reader, model.config
-    info = {
-        "model": str(model.path),
-        "family": cfg.family,
-        "layers": cfg.num_layers,
-        "moe_layers": len(cfg.moe_layers),
-        "experts": cfg.num_experts,
-        "top_k": cfg.top_k,
-        "mwq": {"method": r.config.mwq.method, "group_size": r.config.mwq.group_size},
-        "expert_bytes": {str(b): r.total_expert_bytes(b) for b in r.config.mwq.widths},
-        "dense_bytes": model.dense_bytes,
-        "experts_file_bytes": r.file_bytes(),
-        "slice_bytes": {str(b): r.config.layout.slice_bytes(b) for b in r.config.mwq.widths},
-    }
-    if args.json:
-        print(json.dumps(info))
-    else:
-        for k, v in info.items():
-            print(f"{k}: {v}")
+    info = store_info(_model_path(args), context=args.context)
+    print(json.dumps(info) if args.json else format_info(info))
     return 0
 
 
@@ -395,8 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     threads_arg(cal)
     cal.set_defaults(fn=cmd_calibrate)
 
-    info = sub.add_parser("info", help="sizes of a store")
+    info = sub.add_parser("info", help="what a store holds: family, layers, experts, bytes per width, "
+                                       "calibration, the smallest memory budget that runs it")
     model_arg(info)
+    info.add_argument("--context", type=_positive, default=2048,
+                      help="tokens of KV cache the minimum budget reserves (default 2048, as run/serve)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(fn=cmd_info)
 

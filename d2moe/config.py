@@ -1,8 +1,10 @@
 """Frozen configs shared by conversion, storage and runtime.
 
 `ModelConfig` is d2moe's canonical description of an MoE decoder: every family (Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE, the built-in MoEfied SmolLM2) maps its own config onto it, so the runtime has one
-code path. It is stored verbatim in a store's `config.json` under "model".
+Qwen3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4.5, ERNIE-4.5, GPT-OSS, Llama 4, GraniteMoE, PhiMoE, the built-in
+MoEfied SmolLM2) maps its own config onto it, so the runtime has one code path. It is stored verbatim in a
+store's `config.json` under "model"; fields added later have defaults that mean "as before", so older
+stores keep loading.
 """
 
 from __future__ import annotations
@@ -13,8 +15,34 @@ from typing import Any, Literal
 
 from d2moe.engine.policies import policy_spec
 
-QkNorm = Literal["none", "head", "full"]
-RouterScoring = Literal["softmax", "linear"]
+QkNorm = Literal["none", "head", "full", "l2"]
+RouterScoring = Literal["softmax", "linear", "sigmoid", "sparsemixer"]
+AttentionKind = Literal["gqa", "mla"]
+GroupScore = Literal["max", "top2"]
+NormKind = Literal["rms", "layer"]
+ExpertAct = Literal["swiglu", "clamped_swiglu"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Scaled RoPE. yarn (arXiv 2309.00071): each frequency is blended between its original value
+    (extrapolation, fast-rotating dims) and value / factor (interpolation, slow dims) by a linear ramp over
+    the dims whose wavelength lies between beta_fast and beta_slow rotations of the original context.
+    longrope (PhiMoE): frequency i is divided by dim_factors[i] (the checkpoint's short factors).
+    llama3 (Llama 4): wavelengths longer than original / low_freq_factor are interpolated, shorter than
+    original / high_freq_factor kept, and those between blended by where original / wavelength falls.
+    Either way cos and sin are multiplied by `attention_factor`."""
+
+    factor: float
+    original_max_position: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0
+    truncate: bool = field(default=True, metadata={"help": "round the ramp's ends to whole dims"})
+    kind: Literal["yarn", "longrope", "llama3"] = "yarn"
+    dim_factors: tuple[float, ...] = field(default=(), metadata={"help": "longrope: one divisor per frequency"})
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -29,13 +57,44 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = field(default=None, metadata={"help": "None: plain RoPE"})
     rms_norm_eps: float = 1e-6
     max_position: int = 4096
     tie_word_embeddings: bool = False
     attn_bias: bool = field(default=False, metadata={"help": "q/k/v projections carry biases (Qwen2-MoE)"})
     qk_norm: QkNorm = field(
-        default="none", metadata={"help": "RMSNorm on q/k: per head (Qwen3-MoE) or over all heads (OLMoE)"}
+        default="none", metadata={"help": "RMSNorm on q/k: per head (Qwen3-MoE), over all heads (OLMoE), or l2: "
+                                          "weightless per head after RoPE, RoPE layers only (Llama 4)"}
     )
+    attention: AttentionKind = field(
+        default="gqa",
+        metadata={"help": "gqa: grouped-query attention; mla: multi-head latent attention (DeepSeek-V2/V3, "
+                          "models/mla.py), whose head_dim is the q/k head dim qk_nope + qk_rope"},
+    )
+    q_lora_rank: int = field(default=0, metadata={"help": "MLA: rank of the query down-projection (0: full wq)"})
+    kv_lora_rank: int = field(default=0, metadata={"help": "MLA: width of the cached key/value latent"})
+    qk_rope_head_dim: int = field(default=0, metadata={"help": "MLA: rotary dims per q/k head (shared by heads)"})
+    v_head_dim: int = field(default=0, metadata={"help": "MLA: value dims per head (0: head_dim)"})
+    rotary_dim: int = field(default=0, metadata={"help": "leading dims of each head RoPE rotates (0: all; GLM: half)"})
+    softmax_scale: float = field(default=0.0, metadata={"help": "attention scale (0: 1/sqrt(q/k head dim))"})
+    attention_sinks: bool = field(
+        default=False, metadata={"help": "a learned logit per head joins each softmax, attending to nothing (GPT-OSS)"}
+    )
+    sliding_window: int = field(default=0, metadata={"help": "keys per query on the sliding layers (0: none)"})
+    sliding_layers: tuple[int, ...] = field(default=(), metadata={"help": "layers whose attention slides"})
+    attention_chunk: int = field(default=0, metadata={"help": "chunked layers attend within chunks this long"})
+    chunked_layers: tuple[int, ...] = field(default=(), metadata={"help": "layers attending within chunks"})
+    nope_layers: tuple[int, ...] = field(default=(), metadata={"help": "layers without RoPE (Llama 4)"})
+    temperature_floor: int = field(
+        default=0, metadata={"help": "NoPE layers scale q by 1 + temperature_scale * log1p(floor((pos + 1) / "
+                                     "temperature_floor)) (Llama 4; 0: off)"}
+    )
+    temperature_scale: float = 0.1
+    norm: NormKind = field(default="rms", metadata={"help": "rms: RMSNorm; layer: LayerNorm with bias (PhiMoE)"})
+    embedding_multiplier: float = field(default=1.0, metadata={"help": "scales the embeddings (Granite)"})
+    residual_multiplier: float = field(default=1.0, metadata={"help": "scales each block's output (Granite)"})
+    logit_scale: float = field(default=1.0, metadata={"help": "multiplies the logits (Granite: 1/logits_scaling)"})
+    lm_head_bias: bool = field(default=False, metadata={"help": "the output head carries a bias (PhiMoE)"})
     # --- MoE layout ---
     num_experts: int = 8
     top_k: int = 2
@@ -43,7 +102,36 @@ class ModelConfig:
     norm_topk_prob: bool = field(default=True, metadata={"help": "renormalise the top-k gate weights to sum 1"})
     router_scoring: RouterScoring = field(
         default="softmax",
-        metadata={"help": "softmax: gate weights are softmax probs; linear: top-k of raw scores, plain sum"},
+        metadata={"help": "softmax: gate weights are softmax probs; linear: top-k of raw scores, plain sum; "
+                          "sigmoid: per-expert sigmoid scores (DeepSeek-V3); sparsemixer: PhiMoE's masked "
+                          "softmax per choice (models/moe.py)"},
+    )
+    router_bias: bool = field(
+        default=False, metadata={"help": "a per-expert bias added to the scores for choosing only (DeepSeek-V3)"}
+    )
+    expert_groups: int = field(default=1, metadata={"help": "experts split in this many groups (DeepSeek)"})
+    topk_groups: int = field(default=1, metadata={"help": "tokens choose experts within this many best groups"})
+    group_score: GroupScore = field(
+        default="max", metadata={"help": "a group's score: its best expert (V2) or its best two summed (V3)"}
+    )
+    routed_scaling_factor: float = field(default=1.0, metadata={"help": "multiplies the routed experts' weights"})
+    expert_input_weighted: bool = field(
+        default=False, metadata={"help": "the router's weight scales each expert's input, not its output (Llama 4)"}
+    )
+    sparsemixer_eps: float = field(
+        default=0.01, metadata={"help": "sparsemixer: experts within 2*eps (relative) of the best one share "
+                                        "its softmax"}
+    )
+    router_linear_bias: bool = field(default=False, metadata={"help": "the router has a bias (GPT-OSS)"})
+    expert_act: ExpertAct = field(
+        default="swiglu",
+        metadata={"help": "swiglu: w2(silu(w1 x) * w3 x); clamped_swiglu (GPT-OSS): gate clamped above, up "
+                          "clamped both ways at swiglu_limit, w2((up + 1) * gate * sigmoid(alpha * gate))"},
+    )
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = field(
+        default=False, metadata={"help": "experts' projections carry biases (held resident as expert_b1/b3/b2)"}
     )
     shared_expert_intermediate: int = field(default=0, metadata={"help": "0: no shared expert"})
     shared_expert_gate: bool = field(default=False, metadata={"help": "sigmoid gate on the shared expert (Qwen2)"})
@@ -60,6 +148,24 @@ class ModelConfig:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.num_experts % self.expert_groups or self.topk_groups > self.expert_groups:
+            raise ValueError(f"{self.num_experts} experts cannot form {self.expert_groups} groups "
+                             f"with {self.topk_groups} chosen")
+        if self.attention == "mla" and not (0 < self.qk_rope_head_dim < self.head_dim and self.kv_lora_rank > 0):
+            raise ValueError("mla needs 0 < qk_rope_head_dim < head_dim and kv_lora_rank > 0")
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims each q/k head rotates: all of them, the leading `rotary_dim`, or MLA's decoupled rotary part."""
+        return self.qk_rope_head_dim if self.attention == "mla" else (self.rotary_dim or self.head_dim)
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def attn_scale(self) -> float:
+        return self.softmax_scale or self.head_dim**-0.5
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -67,8 +173,8 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["dense_layers"] = list(self.dense_layers)
-        d["eos_token_ids"] = list(self.eos_token_ids)
+        for name in _TUPLE_FIELDS:
+            d[name] = list(d[name])
         return d
 
     @classmethod
@@ -78,9 +184,16 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         d = dict(d)
-        d["dense_layers"] = tuple(d.get("dense_layers", ()))
-        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        for name in _TUPLE_FIELDS:
+            if name in d:
+                d[name] = tuple(d[name])
+        if isinstance(d.get("rope_scaling"), dict):
+            d["rope_scaling"] = RopeScaling(**{**d["rope_scaling"],
+                                              "dim_factors": tuple(d["rope_scaling"].get("dim_factors", ()))})
         return cls(**d)
+
+
+_TUPLE_FIELDS = ("dense_layers", "eos_token_ids", "sliding_layers", "chunked_layers", "nope_layers")
 
 
 MWQMethod = Literal["msb", "residual"]

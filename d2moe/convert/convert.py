@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,12 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from d2moe.config import ModelConfig, MWQConfig
-from d2moe.convert.families import ConversionError, canonical_name, family_for
+from d2moe.convert.dequant import dequantize_fp8_blocks, dequantize_mxfp4
+from d2moe.convert.families import ConversionError, Part, family_for, tensor_parts
 from d2moe.models.decoder import MoEDecoder
 from d2moe.models.dense import DenseWeight, quantize_int8, to_stored, wants_int8
 from d2moe.models.expert_provider import TensorExpertProvider
-from d2moe.models.names import EXPERT_MATRICES, expert_name, is_expert_name
+from d2moe.models.names import EXPERT_MATRICES, attention_names, expert_name, is_expert_name, top_names
 from d2moe.quant.mwq import quantize
 from d2moe.quant.pack import ExpertLayout, pack_expert
 from d2moe.storage.format import BLOB_ALIGNMENT, TOKENIZER_FILES, StoreConfig
@@ -35,12 +37,24 @@ CALIBRATION_FILE = "calibration.safetensors"
 
 
 @dataclass(frozen=True)
+class TensorRef:
+    """Where a canonical tensor lives: a shard, the name in it, and which part of that tensor (with the
+    shard of its MXFP4 scales when it has them)."""
+
+    shard: Path
+    name: str
+    part: Part | None = None
+    scales_shard: Path | None = None
+
+
+@dataclass(frozen=True)
 class Source:
     """A checkpoint opened for conversion: its canonical config and where each canonical tensor lives."""
 
     path: Path
     model: ModelConfig
-    tensors: dict[str, tuple[Path, str]]  # canonical name -> (shard file, name in that shard)
+    tensors: dict[str, TensorRef]  # canonical name -> where it is stored
+    fix: Callable[[str, torch.Tensor], torch.Tensor] | None = None  # the family's per-tensor rewrite
 
 
 def _read_json(path: Path) -> dict:
@@ -73,41 +87,68 @@ def open_source(src: Path) -> Source:
     src = Path(src)
     if not src.is_dir():
         raise ConversionError(f"{src}: no such directory")
+    fix, fp8_block = None, None
     if (src / CANONICAL_MARKER).is_file():
         meta = _read_json(src / CANONICAL_MARKER)
         model = ModelConfig.from_dict(meta["model"])
-        rename = lambda n: n  # noqa: E731 - canonical checkpoints already use canonical names
+        rename = lambda n: [(n, None)]  # noqa: E731 - canonical checkpoints already use canonical names
     else:
         if not (src / "config.json").is_file():
             raise ConversionError(f"{src}: no config.json; is this a Hugging Face checkpoint directory?")
         hf = _read_json(src / "config.json")
         fam = family_for(hf)
         model = fam.config_fn(hf, fam.name)
-        rename = lambda n: canonical_name(fam, n)  # noqa: E731
-    tensors: dict[str, tuple[Path, str]] = {}
+        rename = lambda n: tensor_parts(fam, model, n)  # noqa: E731
+        fp8_block = _fp8_block(hf)
+        if fam.fix is not None:
+            fix = lambda name, t: fam.fix(hf, model, name, t)  # noqa: E731
+    stored: dict[str, Path] = {}  # HF name -> its shard
     for shard in _shard_files(src):
         try:
             with safe_open(str(shard), "pt") as f:
-                for name in f.keys():
-                    canon = rename(name)
-                    if canon is not None:
-                        tensors[canon] = (shard, name)
+                stored.update((name, shard) for name in f.keys())
         except Exception as e:  # safetensors raises its own error types for damaged headers
             raise ConversionError(f"{shard}: cannot read safetensors header ({e})") from None
+    tensors: dict[str, TensorRef] = {}
+    for name, shard in stored.items():
+        for canon, part in rename(name):
+            fp8_scales = name.removesuffix("weight") + "weight_scale_inv"
+            if fp8_block is not None and part is None and fp8_scales in stored:
+                part = Part(fp8_scales=fp8_scales, fp8_block=fp8_block)
+            scales = (part.mxfp4_scales or part.fp8_scales) if part is not None else None
+            if scales is not None and scales not in stored:
+                raise ConversionError(f"{src}: quantized tensor {name} has no {scales}")
+            tensors[canon] = TensorRef(shard, name, part, stored[scales] if scales else None)
     _check_complete(model, tensors, src)
-    return Source(src, model, tensors)
+    return Source(src, model, tensors, fix)
+
+
+def _fp8_block(hf: dict) -> tuple[int, int] | None:
+    """The weight block of a block-FP8 checkpoint (DeepSeek-V3's release), None for others."""
+    qc = hf.get("quantization_config") or {}
+    if qc.get("quant_method") != "fp8":
+        return None
+    if qc.get("activation_scheme", "dynamic") != "dynamic" or qc.get("fmt", "e4m3") != "e4m3":
+        raise ConversionError(f"FP8 checkpoints with {qc} are not supported (block e4m3 weights are)")
+    bo, bi = qc.get("weight_block_size") or (128, 128)
+    return int(bo), int(bi)
 
 
 def _check_complete(model: ModelConfig, tensors: dict, src: Path) -> None:
-    need = ["embed", "norm"] + ([] if model.tie_word_embeddings else ["lm_head"])
+    need = list(top_names(model))
     for L in range(model.num_layers):
         p = f"layers.{L}."
-        need += [p + n for n in ("attn_norm", "ffn_norm", "wq", "wk", "wv", "wo")]
+        need += [p + n for n in attention_names(model)]
         if L in model.dense_layers:
             need += [p + "ffn." + m for m in EXPERT_MATRICES]
         else:
             need.append(p + "router")
+            need += [p + "router_bias"] if model.router_bias else []
+            need += [p + "router_b"] if model.router_linear_bias else []
+            need += [p + n for n in ("expert_b1", "expert_b3", "expert_b2")] if model.expert_bias else []
             need += [expert_name(L, e, m) for e in range(model.num_experts) for m in EXPERT_MATRICES]
+            if model.shared_expert_intermediate:
+                need += [p + "shared." + m for m in EXPERT_MATRICES]
     missing = [n for n in need if n not in tensors]
     if missing:
         raise ConversionError(f"{src}: checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
@@ -126,11 +167,32 @@ class _TensorReader:
 
     def __init__(self, stack: ExitStack, source: Source) -> None:
         self.source = source
-        self._files = {s: stack.enter_context(safe_open(str(s), "pt")) for s, _ in set(source.tensors.values())}
+        shards = {ref.shard for ref in source.tensors.values()}
+        shards |= {ref.scales_shard for ref in source.tensors.values() if ref.scales_shard is not None}
+        self._files = {s: stack.enter_context(safe_open(str(s), "pt")) for s in shards}
 
     def get(self, canon: str) -> torch.Tensor:
-        shard, name = self.source.tensors[canon]
-        return self._files[shard].get_tensor(name)
+        ref = self.source.tensors[canon]
+        t = self._read(ref) if ref.part is not None else self._files[ref.shard].get_tensor(ref.name)
+        return t if self.source.fix is None else self.source.fix(canon, t)
+
+    def _read(self, ref: TensorRef) -> torch.Tensor:
+        """The part of a stored tensor (reads one expert's slice when the part names one)."""
+        part = ref.part
+        f = self._files[ref.shard]
+        t = f.get_tensor(ref.name) if part.expert is None else f.get_slice(ref.name)[part.expert]
+        if part.mxfp4_scales is not None:
+            sf = self._files[ref.scales_shard]
+            s = sf.get_tensor(part.mxfp4_scales) if part.expert is None else sf.get_slice(part.mxfp4_scales)[
+                part.expert]
+            t = dequantize_mxfp4(t, s)
+        if part.fp8_scales is not None:
+            t = dequantize_fp8_blocks(t, self._files[ref.scales_shard].get_tensor(part.fp8_scales), part.fp8_block)
+        if part.rows is not None:
+            t = t[slice(*part.rows)]
+        if part.cols is not None:
+            t = t[:, slice(*part.cols)]
+        return (t.T if part.transposed else t).contiguous()
 
 
 def load_tensors(source: Source) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 from d2moe.config import EngineConfig, ModelConfig
 from d2moe.cache.expert_cache import BudgetError
+from d2moe.models.layers import kv_cache_dims
 from d2moe.quant.pack import ExpertLayout
 from d2moe.util.sizes import format_size
 
@@ -23,8 +24,9 @@ SMALL_T = 16  # the expert kernel's few-token path needs no decoded-matrix scrat
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
-    """fp32 keys and values of every layer for `context` positions."""
-    return 2 * cfg.num_layers * batch * cfg.num_kv_heads * context * cfg.head_dim * F32
+    """fp32 keys and values of every layer for `context` positions (MLA: its latent, layers.kv_cache_dims)."""
+    heads, k_dim, v_dim = kv_cache_dims(cfg)
+    return cfg.num_layers * batch * heads * context * (k_dim + v_dim) * F32
 
 
 def scratch_bytes(cfg: ModelConfig, step_tokens: int, context: int, full_logits: bool) -> int:
@@ -33,6 +35,8 @@ def scratch_bytes(cfg: ModelConfig, step_tokens: int, context: int, full_logits:
     expert matrices decoded to float for a GEMM."""
     T, H = step_tokens, cfg.hidden_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    if cfg.attention == "mla":  # q, its latent-absorbed copy and the per-head outputs
+        qkv = cfg.num_heads * (cfg.head_dim + 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.value_dim)
     hidden = T * (6 * H + 2 * qkv) * F32
     scores = T * context * cfg.num_heads * F32 if T > 1 else 0
     ffn = max(cfg.top_k * 2 * cfg.expert_intermediate + 2 * H, 3 * cfg.dense_intermediate,

@@ -8,8 +8,10 @@ import torch
 
 from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import PREFETCH_MAX_TOKENS, ExpertProvider
-from d2moe.models.layers import KVCache, Rope, attention, embedding, linear, rms_norm, swiglu
-from d2moe.models.moe import WidthRule, chosen_widths, moe_block, predict_demands, route
+from d2moe.models.layers import KVCache, Rope, attention, embedding, linear, norm, swiglu
+from d2moe.models.mla import mla_attention
+from d2moe.models.moe import WidthRule, chosen_widths, moe_block, predict_demands, route_layer
+from d2moe.models.names import attention_names, top_names
 
 # After a prefill, the first MoE layers' experts of the prompt's last token are read ahead for the first
 # decode step (SliceMoE's predictive warm-up): by then the cache holds the prompt's last layers.
@@ -32,15 +34,16 @@ class MoEDecoder:
         self.tap: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # calibration's probe
         moe = cfg.moe_layers
         self.next_moe = {a: b for a, b in zip(moe, moe[1:])}  # layer -> the MoE layer after it
-        self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        self.rope = Rope(cfg.rope_dim, cfg.rope_theta, cfg.max_position, cfg.rope_scaling)
+        self.attention = mla_attention if cfg.attention == "mla" else attention
         self.lm_head = dense["embed"] if cfg.tie_word_embeddings else dense["lm_head"]
         self._check_weights()
 
     def _check_weights(self) -> None:
-        missing = [n for n in ("embed", "norm") if n not in self.w]
+        missing = [n for n in top_names(self.cfg) if n not in self.w]
         for L in range(self.cfg.num_layers):
             p = f"layers.{L}."
-            need = ["attn_norm", "ffn_norm", "wq", "wk", "wv", "wo"]
+            need = list(attention_names(self.cfg))
             need += ["ffn.w1", "ffn.w3", "ffn.w2"] if L in self.cfg.dense_layers else ["router"]
             missing += [p + n for n in need if p + n not in self.w]
         if missing:
@@ -71,25 +74,31 @@ class MoEDecoder:
             price if isinstance(price, torch.Tensor) else torch.full((B, T), float(price))).reshape(-1)
         h = embedding(tokens, w["embed"])  # the residual stream is fp32 whatever the storage
         warm = []  # prefill: (layer, the last token's demands), to warm the cache for the decode that follows
+        if cfg.embedding_multiplier != 1.0:
+            h = h * cfg.embedding_multiplier
+        scale = cfg.residual_multiplier  # Granite scales each block's output before adding it
         for L in range(cfg.num_layers):
             p = f"layers.{L}."
-            h = h + attention(rms_norm(h, w[p + "attn_norm"], cfg.rms_norm_eps), w, p, cfg, self.rope, cache, L)
-            x = rms_norm(h, w[p + "ffn_norm"], cfg.rms_norm_eps)
+            a = self.attention(norm(h, w, p + "attn_norm", cfg), w, p, cfg, self.rope, cache, L)
+            h = h + (a if scale == 1.0 else a * scale)
+            x = norm(h, w, p + "ffn_norm", cfg)
             if L in cfg.dense_layers:
-                h = h + swiglu(x, w[p + "ffn.w1"], w[p + "ffn.w3"], w[p + "ffn.w2"])
+                y = swiglu(x, w[p + "ffn.w1"], w[p + "ffn.w3"], w[p + "ffn.w2"])
+                h = h + (y if scale == 1.0 else y * scale)
             else:
                 flat_bits = token_bits.reshape(-1)
                 nxt = self.next_moe.get(L)
                 if (self.prefetch and nxt is not None and B * T <= PREFETCH_MAX_TOKENS
                         and self.provider.wants_prefetch(nxt, int(flat_bits.max()))):
                     # the next MoE layer's router on this layer's residual stream, normed as that layer will
-                    guess_x = rms_norm(h, w[f"layers.{nxt}.ffn_norm"], cfg.rms_norm_eps).reshape(B * T, -1)
-                    guess = route(guess_x, w[f"layers.{nxt}.router"], cfg)
+                    q = f"layers.{nxt}."
+                    guess_x = norm(h, w, q + "ffn_norm", cfg).reshape(B * T, -1)
+                    guess = route_layer(guess_x, w, q, cfg)
                     bits_tk = chosen_widths(nxt, guess_x, guess, flat_bits, flat_price, self.widths)
                     self.provider.prefetch(nxt, predict_demands(guess, bits_tk))
                 if self.prefetch and B * T > PREFETCH_MAX_TOKENS and len(warm) < WARM_LAYERS:
                     last = x[:, -1].reshape(B, -1)  # [B, H]: each sequence's last token
-                    r = route(last, w[p + "router"], cfg)
+                    r = route_layer(last, w, p, cfg)
                     lb = token_bits[:, -1]
                     lp = None if flat_price is None else flat_price.view(B, T)[:, -1]
                     warm.append((L, predict_demands(r, chosen_widths(L, last, r, lb, lp, self.widths))))
@@ -97,10 +106,12 @@ class MoEDecoder:
                               price=flat_price, width_hist=self.width_hist)
                 if self.tap is not None:
                     y = self.tap(L, x.reshape(B * T, -1), y)
-                h = h + y.view(B, T, -1)
+                y = y.view(B, T, -1)
+                h = h + (y if scale == 1.0 else y * scale)
         if warm:
             self.provider.warm(warm)
         cache.length += T
         if last_only:
             h = h[:, -1:]
-        return linear(rms_norm(h, w["norm"], cfg.rms_norm_eps), self.lm_head)
+        logits = linear(norm(h, w, "norm", cfg), self.lm_head, w.get("lm_head_b"))
+        return logits if cfg.logit_scale == 1.0 else logits * cfg.logit_scale

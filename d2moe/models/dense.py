@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-INT8_MATRICES = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "w1", "w3", "w2"})  # last name part
+# last name part; MLA's wkv_b stays float: it is used per head as a batched matmul (models/mla.py)
+INT8_MATRICES = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "wq_a", "wq_b", "wkv_a"})
 SCALE_SUFFIX = ".scale"
 SCALE_DTYPE = torch.bfloat16  # the kernel's scale dtype; the scale is chosen exactly representable in it
 QMAX = 127  # symmetric: -128 is never used

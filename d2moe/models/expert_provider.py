@@ -14,10 +14,11 @@ from typing import Protocol
 
 import torch
 
-from d2moe.models.layers import swiglu
+from d2moe.models.layers import linear, swiglu
 from d2moe.models.names import expert_name
 
-ExpertFn = Callable[[torch.Tensor], torch.Tensor]  # x [T, H] float32 -> y [T, H] float32
+# x [T, H] float32 -> y [T, H] float32; providers' experts also offer project(matrix, x) (one matrix)
+ExpertFn = Callable[[torch.Tensor], torch.Tensor]
 Demand = tuple[int, int, int]  # (expert, bits, tokens that chose it at that width)
 ReadyBatch = list[tuple[int, int, ExpertFn]]  # (expert, demanded bits, fn) for every expert ready now
 PREFETCH_MAX_TOKENS = 4  # next-layer predictions only in decode-sized steps (a prefill needs every expert)
@@ -54,6 +55,20 @@ class ExpertProvider(Protocol):
         ...
 
 
+class TensorExpert:
+    """One unquantized expert: called, it is the SwiGLU FFN; `project` applies one of its matrices (for
+    experts that are not plain SwiGLU, see models/moe.py `expert_runner`)."""
+
+    def __init__(self, w: dict[str, torch.Tensor]) -> None:
+        self.w = w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.w["w1"], self.w["w3"], self.w["w2"])
+
+    def project(self, matrix: str, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.w[matrix])
+
+
 class TensorExpertProvider:
     """Unquantized experts held as float tensors (the reference path; `bits` is ignored)."""
 
@@ -63,8 +78,8 @@ class TensorExpertProvider:
     def experts(self, layer: int, demands: list[Demand], hold: bool = False) -> Iterator[ReadyBatch]:
         batch: ReadyBatch = []
         for expert, bits, _ in demands:
-            w1, w3, w2 = (self.tensors[expert_name(layer, expert, m)] for m in ("w1", "w3", "w2"))
-            batch.append((expert, bits, lambda x, w1=w1, w3=w3, w2=w2: swiglu(x, w1, w3, w2)))
+            w = {m: self.tensors[expert_name(layer, expert, m)] for m in ("w1", "w3", "w2")}
+            batch.append((expert, bits, TensorExpert(w)))
         yield batch
 
     def wants_prefetch(self, layer: int, bits: int) -> bool:

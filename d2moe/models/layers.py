@@ -6,10 +6,12 @@ Dense matrices are float tensors or per-row int8 (`dense.Int8Matrix`); `linear` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from d2moe.config import ModelConfig
+from d2moe.config import ModelConfig, RopeScaling
 from d2moe.models.dense import DenseWeight, Int8Matrix, int8_embedding, int8_linear
 
 
@@ -26,6 +28,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm with bias in fp32 (PhiMoE); x [..., H]."""
+    return F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
+
+
+def norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, cfg: ModelConfig) -> torch.Tensor:
+    """The family's norm of x [..., H] with weights `name` (and `name`_b for LayerNorm's bias)."""
+    if cfg.norm == "layer":
+        return layer_norm(x, w[name], w[name + "_b"], cfg.rms_norm_eps)
+    return rms_norm(x, w[name], cfg.rms_norm_eps)
 
 
 def linear(x: torch.Tensor, w: DenseWeight, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,15 +69,65 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
     return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
 
-class Rope:
-    """Precomputed rotary tables (HF rotate_half convention, default rope type)."""
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's gated activation: gate clamped above and up both ways at `limit`, then
+    (up + 1) * gate * sigmoid(alpha * gate). gate/up [T, I] -> [T, I]."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
 
-    def __init__(self, head_dim: int, theta: float, max_position: int) -> None:
+
+def yarn_inv_freq(inv_freq: torch.Tensor, theta: float, s: RopeScaling) -> torch.Tensor:
+    """YaRN frequencies (arXiv 2309.00071, "NTK-by-parts"): pair i of a D-dim head turns at inv_freq[i]
+    rad/token, i.e. r_i = L / (2 pi / inv_freq[i]) times over the original context L. Pairs turning more
+    than beta_fast times keep their frequency, pairs turning fewer than beta_slow times are interpolated
+    (divided by `factor`), and a linear ramp over pair index blends the two in between. The pair index at
+    which r_i = r is D ln(L / (2 pi r)) / (2 ln theta)."""
+    D = 2 * inv_freq.numel()
+
+    def pair_at(rotations: float) -> float:
+        return D * math.log(s.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = pair_at(s.beta_fast), pair_at(s.beta_slow)
+    if s.truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, D - 1)
+    if lo == hi:
+        hi += 0.001  # a step instead of a ramp
+    ramp = ((torch.arange(D // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)  # 0: keep, 1: interpolate
+    return inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3 scaling: frequencies whose wavelength exceeds original / low_freq_factor are divided by
+    `factor`, those shorter than original / high_freq_factor kept, and in between blended linearly in
+    original / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    ratio = s.original_max_position / wavelength
+    smooth = ((ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)).clamp(0, 1)
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    long = wavelength > s.original_max_position / s.low_freq_factor
+    short = wavelength < s.original_max_position / s.high_freq_factor
+    return torch.where(long, inv_freq / s.factor, torch.where(short, inv_freq, blended))
+
+
+class Rope:
+    """Precomputed rotary tables (HF rotate_half convention; plain or YaRN-scaled)."""
+
+    def __init__(self, head_dim: int, theta: float, max_position: int, scaling: RopeScaling | None = None) -> None:
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if scaling is not None and scaling.kind == "yarn":
+            inv_freq = yarn_inv_freq(inv_freq, theta, scaling)
+        elif scaling is not None and scaling.kind == "llama3":
+            inv_freq = llama3_inv_freq(inv_freq, scaling)
+        elif scaling is not None:  # longrope
+            inv_freq = inv_freq / torch.tensor(scaling.dim_factors, dtype=torch.float32)
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = emb.cos(), emb.sin()  # [P, D]
+        if scaling is not None and scaling.attention_factor != 1.0:
+            self.cos, self.sin = self.cos * scaling.attention_factor, self.sin * scaling.attention_factor
         half = head_dim // 2
         self.cos_h = self.cos[:, None]  # [P, 1, D]: broadcast over heads in `rotate`
         self.sin_signed_h = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)[:, None]  # [P, 1, D]
@@ -86,18 +150,83 @@ class Rope:
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
+def kv_cache_dims(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(heads, key dims, value dims) cached per position and layer. MLA caches its compressed latent
+    c_kv | k_rope as one head whose first kv_lora_rank dims are also the values: no value buffer."""
+    if cfg.attention == "mla":
+        return 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 0
+    return cfg.num_kv_heads, cfg.head_dim, cfg.head_dim
+
+
 class KVCache:
     """Static per-layer key/value buffers for one batch of sequences."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        heads, k_dim, v_dim = kv_cache_dims(cfg)
+        self.k = [torch.zeros((batch, heads, max_len, k_dim), dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros((batch, heads, max_len, v_dim), dtype=dtype) for _ in range(cfg.num_layers)]
         self.max_len = max_len
         self.length = 0  # positions filled (advanced by the decoder after all layers ran)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def causal_mask(T: int, start: int, window: int = 0, always: bool = False, chunk: int = 0) -> torch.Tensor | None:
+    """[T, start+T] bool, True = attend: causal over the T new tokens, full view of the cached prefix; with
+    a sliding `window` only the last `window` positions up to each query's own; with `chunk` only the
+    positions of the query's chunk (Llama 4). None when that is everything (one token, unless `always`)."""
+    S = start + T
+    if T == 1 and not always and (window == 0 or S <= window) and (chunk == 0 or S <= chunk):
+        return None
+    query = torch.arange(start, S)[:, None]  # absolute positions
+    key = torch.arange(S)[None, :]
+    mask = key <= query
+    if window:
+        mask = mask & (key > query - window)
+    if chunk:
+        mask = mask & (key // chunk == query // chunk)
+    return mask
+
+
+def _position(q: torch.Tensor, k: torch.Tensor, cfg: ModelConfig, rope: Rope, start: int,
+              layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q [B,T,nH,D] and k [B,T,nKV,D]: all dims, or the leading rope_dim (GLM); then Llama 4's
+    weightless q/k norm. Llama 4's NoPE layers skip both and scale q by a temperature growing with the
+    position (arXiv 2501.19399)."""
+    if layer in cfg.nope_layers:
+        if cfg.temperature_floor:
+            pos = torch.arange(start, start + q.shape[1], dtype=torch.float32)
+            scale = torch.log1p(torch.floor((pos + 1.0) / cfg.temperature_floor)) * cfg.temperature_scale + 1.0
+            q = q * scale[:, None, None]  # [T, 1, 1]
+        return q, k
+    r = cfg.rope_dim
+    if r < q.shape[-1]:  # partial rotary: rotate the leading dims of each head, pass the rest
+        q = torch.cat((rope.rotate(q[..., :r], start), q[..., r:]), dim=-1)
+        k = torch.cat((rope.rotate(k[..., :r], start), k[..., r:]), dim=-1)
+    else:
+        q, k = rope.rotate(q, start), rope.rotate(k, start)
+    if cfg.qk_norm == "l2":
+        q = F.rms_norm(q, (q.shape[-1],), eps=cfg.rms_norm_eps)
+        k = F.rms_norm(k, (k.shape[-1],), eps=cfg.rms_norm_eps)
+    return q, k
+
+
+def attend_with_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, scale: float, mask: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention where each head also weighs a learned sink logit that carries no value (GPT-OSS):
+    p_j = exp(s_j) / (exp(sink) + sum_i exp(s_i)). q [B,nH,T,D], k/v [B,nKV,S,D], sinks [nH],
+    mask [T,S] (True = attend) -> [B,nH,T,D]."""
+    B, nH, T, _ = q.shape
+    rep = nH // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # [B, nH, S, D]
+    v = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, nH, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, nH, 1, 1).expand(B, nH, T, 1)
+    probs = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :-1]  # the sink's share is dropped
+    return probs @ v
 
 
 def _projections(
@@ -136,7 +265,7 @@ def attention(
     if start + T > cache.max_len:
         raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache ({cache.max_len})")
     fused = w.get(prefix + "wqkv")
-    if fused is not None and cfg.qk_norm == "none":
+    if fused is not None and cfg.qk_norm == "none" and cfg.rope_dim == D and not cfg.nope_layers:
         qkv = linear(x, fused, w.get(prefix + "bqkv"))  # [B, T, (nH + 2 nKV) D]
         qk = rope.rotate(qkv[..., : (nH + nKV) * D].view(B, T, nH + nKV, D), start)
         q, k = qk[:, :, :nH], qk[:, :, nH:]  # [B, T, nH, D], [B, T, nKV, D]
@@ -150,15 +279,19 @@ def attention(
         if cfg.qk_norm == "head":
             q = rms_norm(q, w[prefix + "q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, w[prefix + "k_norm"], cfg.rms_norm_eps)
-        q, k = rope.rotate(q, start), rope.rotate(k, start)
+        q, k = _position(q, k, cfg, rope, start, layer)
     cache.k[layer][:, :, start : start + T] = k.transpose(1, 2)
     cache.v[layer][:, :, start : start + T] = v.transpose(1, 2)
     keys = cache.k[layer][:, :, : start + T]  # [B, nKV, S, D]
     values = cache.v[layer][:, :, : start + T]
-    if T == 1:
-        mask = None
-    else:  # causal over the new tokens, full view of the cached prefix
-        mask = torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=nH != nKV)
+    window = cfg.sliding_window if layer in cfg.sliding_layers else 0
+    chunk = cfg.attention_chunk if layer in cfg.chunked_layers else 0
+    if cfg.attention_sinks:
+        out = attend_with_sinks(q.transpose(1, 2), keys, values, w[prefix + "sinks"], cfg.attn_scale,
+                                causal_mask(T, start, window, always=True, chunk=chunk))
+    else:
+        mask = causal_mask(T, start, window, chunk=chunk)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=nH != nKV, scale=cfg.softmax_scale or None)
     out = out.transpose(1, 2).reshape(B, T, nH * D)
-    return linear(out, w[prefix + "wo"])
+    return linear(out, w[prefix + "wo"], w.get(prefix + "bo"))

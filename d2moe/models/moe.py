@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
-from d2moe.models.expert_provider import ExpertProvider, weighted_sum
-from d2moe.models.layers import linear, swiglu
+from d2moe.models.expert_provider import ExpertFn, ExpertProvider, weighted_sum
+from d2moe.models.layers import clamped_swiglu, linear, swiglu
 from d2moe.models.widths import request_widths
 
 
@@ -26,18 +27,103 @@ class Routing:
     weight: torch.Tensor  # [T, k] combine weights (fp32)
 
 
-def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig) -> Routing:
-    """Router one: pick each token's top-k experts. x [T,H] -> Routing."""
-    logits = linear(x, router)  # [T, E] fp32
-    if cfg.router_scoring == "softmax":
-        probs = logits.softmax(dim=-1)
-        weight, idx = probs.topk(cfg.top_k, dim=-1)
-        if cfg.norm_topk_prob:
-            weight = weight / weight.sum(dim=-1, keepdim=True)
-    else:  # "linear": top-k of raw scores, chosen experts are summed unscaled
+def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = None,
+          router_b: torch.Tensor | None = None) -> Routing:
+    """Router one: pick each token's top-k experts. x [T,H] -> Routing. `bias` [E] (DeepSeek-V3's
+    e_score_correction_bias) shifts the scores experts are chosen by, not their combine weights;
+    `router_b` [E] is the router's own bias (GPT-OSS)."""
+    logits = linear(x, router, router_b)  # [T, E] fp32
+    if cfg.router_scoring == "linear":  # top-k of raw scores, chosen experts are summed unscaled
         idx = logits.topk(cfg.top_k, dim=-1).indices
-        weight = torch.ones_like(idx, dtype=torch.float32)
+        return Routing(idx, torch.ones_like(idx, dtype=torch.float32))
+    if cfg.router_scoring == "sparsemixer":
+        return sparsemixer(logits, cfg.sparsemixer_eps)
+    scores = logits.softmax(dim=-1) if cfg.router_scoring == "softmax" else logits.sigmoid()  # [T, E]
+    if bias is None and cfg.expert_groups == 1:
+        weight, idx = scores.topk(cfg.top_k, dim=-1)
+    else:
+        choice = scores if bias is None else scores + bias
+        idx = _within_best_groups(choice, cfg).topk(cfg.top_k, dim=-1).indices
+        weight = scores.gather(1, idx)
+    if cfg.norm_topk_prob:
+        weight = weight / (weight.sum(dim=-1, keepdim=True) + (1e-20 if cfg.router_scoring == "sigmoid" else 0.0))
+    if cfg.routed_scaling_factor != 1.0:
+        weight = weight * cfg.routed_scaling_factor
     return Routing(idx, weight)
+
+
+def route_layer(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> Routing:
+    """`route` with the layer's router tensors (`prefix` = "layers.L.")."""
+    return route(x, w[prefix + "router"], cfg, w.get(prefix + "router_bias"), w.get(prefix + "router_b"))
+
+
+def _within_best_groups(choice: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Group-limited choice (DeepSeek): experts form `expert_groups` equal groups; each token keeps the
+    `topk_groups` groups with the best score (their best expert, or their best two summed) and sees -inf
+    elsewhere. choice [T, E] -> [T, E]."""
+    G = cfg.expert_groups
+    if G == 1:
+        return choice
+    grouped = choice.view(choice.shape[0], G, -1)  # [T, G, E/G]
+    if cfg.group_score == "top2":
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+    else:
+        group_scores = grouped.amax(dim=-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(cfg.topk_groups, dim=-1).indices, True)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+
+
+def sparsemixer(logits: torch.Tensor, eps: float) -> Routing:
+    """PhiMoE's router at inference (SparseMixer, arXiv 2409.12136, eval mode), two picks in turn. Pick one
+    is the best expert; its weight is its softmax probability among the experts whose score is within a
+    relative 2*eps of it, (best - s) / max(|s|, best) <= 2 eps. Pick two is the best of the rest, weighted
+    the same way among the rest. logits [T, E] -> Routing with k = 2."""
+    out_idx, out_weight = [], []
+    scores = logits
+    for _ in range(2):
+        best, idx = scores.max(dim=-1, keepdim=True)  # [T, 1]
+        near = (best - scores) / logits.abs().clamp(min=best) <= 2 * eps  # [T, E]
+        probs = scores.masked_fill(~near, float("-inf")).softmax(dim=-1)
+        out_idx.append(idx)
+        out_weight.append(probs.gather(1, idx))
+        scores = scores.scatter(1, idx, float("-inf"))
+    return Routing(torch.cat(out_idx, dim=1), torch.cat(out_weight, dim=1))
+
+
+# (expert, the provider's fn, x [T,H]) -> y [T,H]: how an expert that is not plain SwiGLU is computed
+ExpertRunner = Callable[[int, ExpertFn, torch.Tensor], torch.Tensor]
+
+
+def expert_runner(w: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> ExpertRunner | None:
+    """None for plain SwiGLU experts (the provider's fused fn(x) is the expert). Otherwise (GPT-OSS: biases
+    and a clamped activation) the expert's three matrices are applied one at a time through `fn.project`,
+    still from the provider's (quantized) weights; the biases are resident (expert_b1/b3 [E,I], b2 [E,H])."""
+    if cfg.expert_act == "swiglu" and not cfg.expert_bias:
+        return None
+    b1, b3, b2 = (w.get(prefix + n) for n in ("expert_b1", "expert_b3", "expert_b2"))
+
+    def run(e: int, fn: ExpertFn, x: torch.Tensor) -> torch.Tensor:
+        gate, up = fn.project("w1", x), fn.project("w3", x)  # [T, I]
+        if b1 is not None:
+            gate, up = gate + b1[e], up + b3[e]
+        if cfg.expert_act == "clamped_swiglu":
+            h = clamped_swiglu(gate, up, cfg.swiglu_alpha, cfg.swiglu_limit)
+        else:
+            h = F.silu(gate) * up
+        y = fn.project("w2", h)  # [T, H]
+        return y if b2 is None else y + b2[e]
+
+    return run
+
+
+def weighted_expert(e: int, fn: ExpertFn, x: torch.Tensor, weight: torch.Tensor, runner: ExpertRunner | None,
+                    cfg: ModelConfig) -> torch.Tensor:
+    """weight [T,1] * expert(x), or expert(weight * x) where the router scales the input (Llama 4)."""
+    if cfg.expert_input_weighted:
+        x = x * weight
+    y = fn(x) if runner is None else runner(e, fn, x)
+    return y if cfg.expert_input_weighted else y * weight
 
 
 # (layer, x [T,H], routing, token bits [T], token price [T] or None) -> widths [T,k] (0: skip); see widths.py
@@ -46,6 +132,7 @@ WidthRule = Callable[[int, torch.Tensor, Routing, torch.Tensor, torch.Tensor | N
 
 def _many_tokens(
     xf: torch.Tensor, routing: Routing, bits: torch.Tensor, layer: int, cfg: ModelConfig, provider: ExpertProvider,
+    runner: ExpertRunner | None = None,
 ) -> torch.Tensor:
     """Group the T*k (token, expert, bits) triples by (expert, bits); each expert runs once on its tokens.
     bits [T,k] per chosen expert (0: skipped)."""
@@ -65,14 +152,15 @@ def _many_tokens(
             key = expert * 16 + b
             sel = (keys == key).nonzero().squeeze(1)
             tokens = flat_token[sel]
-            parts.append((key, tokens, fn(xf[tokens]) * flat_weight[sel, None]))
+            parts.append((key, tokens, weighted_expert(expert, fn, xf[tokens], flat_weight[sel, None], runner, cfg)))
     out = torch.zeros_like(xf)
     for _, tokens, y in sorted(parts, key=lambda p: p[0]):
         out.index_add_(0, tokens, y)
     return out
 
 
-def _one_token(xf: torch.Tensor, routing: Routing, bits: list[int], layer: int, provider: ExpertProvider) -> torch.Tensor:
+def _one_token(xf: torch.Tensor, routing: Routing, bits: list[int], layer: int, provider: ExpertProvider,
+               cfg: ModelConfig, runner: ExpertRunner | None = None) -> torch.Tensor:
     """Decode step: k distinct experts, no grouping. One token's experts cost a fraction of a millisecond
     against milliseconds per read, so they run together in one kernel call once all are ready, in routing
     order: every policy and arrival order gives bit-identical results. bits [k] (0: skipped)."""
@@ -83,6 +171,8 @@ def _one_token(xf: torch.Tensor, routing: Routing, bits: list[int], layer: int, 
         fns.update((e, fn) for e, _, fn in batch)
     if not chosen:
         return torch.zeros_like(xf)
+    if runner is not None or cfg.expert_input_weighted:
+        return sum(weighted_expert(e, fns[e], xf, torch.tensor([[w]]), runner, cfg) for e, _, w in chosen)
     return weighted_sum([fns[e] for e, _, _ in chosen], [w for _, _, w in chosen], xf)
 
 
@@ -123,19 +213,19 @@ def moe_block(
     """x [T,H] (normed hidden), token_bits [T] width per token -> [T,H]. `widths` picks each chosen
     expert's width (models/widths.py), given each token's router-two price (NaN or None: its fixed width);
     by default every chosen expert runs at its token's width."""
-    routing = routing if routing is not None else route(x, w[prefix + "router"], cfg)
+    routing = routing if routing is not None else route_layer(x, w, prefix, cfg)
     if x.shape[0] == 1:
         bits = ([int(token_bits[0])] * cfg.top_k if widths is None
                 else widths(layer, x, routing, token_bits, price)[0].tolist())
         if width_hist is not None:
             for b in bits:
                 width_hist[b] += 1
-        out = _one_token(x.float(), routing, bits, layer, provider)
+        out = _one_token(x.float(), routing, bits, layer, provider, cfg, expert_runner(w, prefix, cfg))
     else:
         bits_tk = chosen_widths(layer, x, routing, token_bits, price, widths)
         if width_hist is not None:
             width_hist += torch.bincount(bits_tk.reshape(-1), minlength=width_hist.numel())
-        out = _many_tokens(x.float(), routing, bits_tk, layer, cfg, provider)
+        out = _many_tokens(x.float(), routing, bits_tk, layer, cfg, provider, expert_runner(w, prefix, cfg))
     if cfg.shared_expert_intermediate:
         shared = swiglu(x, w[prefix + "shared.w1"], w[prefix + "shared.w3"], w[prefix + "shared.w2"])
         if cfg.shared_expert_gate:

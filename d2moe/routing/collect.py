@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from d2moe.engine.model import LoadedModel
 from d2moe.models.dense import Int8Matrix, dequantize_int8
 from d2moe.models.decoder import MoEDecoder
-from d2moe.models.expert_provider import TensorExpertProvider
-from d2moe.models.layers import swiglu
-from d2moe.models.moe import route
+from d2moe.models.expert_provider import TensorExpert, TensorExpertProvider
+from d2moe.models.moe import expert_runner, route_layer, weighted_expert
 from d2moe.models.names import expert_name
 from d2moe.quant.pack import dequantize_packed, unpack_expert
 
@@ -100,19 +99,26 @@ def collect(model: LoadedModel, windows: torch.Tensor, widths: list[int],
 
 def _record(model: LoadedModel, teacher: MoEDecoder, layer: int, x: torch.Tensor, fisher: torch.Tensor,
             widths: list[int]) -> LayerRecord:
-    routing = route(x, teacher.w[f"layers.{layer}.router"], model.config)
+    cfg, prefix = model.config, f"layers.{layer}."
+    routing = route_layer(x, teacher.w, prefix, cfg)
+    runner = expert_runner(teacher.w, prefix, cfg)  # experts that are not plain SwiGLU (GPT-OSS)
     T, k = routing.idx.shape
     cost = torch.zeros(T, k, len(widths))
     rel = torch.zeros(T, k, len(widths))
     for e in routing.idx.unique().tolist():
         t, slot = (routing.idx == e).nonzero(as_tuple=True)
         xe = x[t]
-        full = swiglu(xe, *(teacher.provider.tensors[expert_name(layer, e, n)] for n in ("w1", "w3", "w2")))
         gate = routing.weight[t, slot].float()[:, None]
+
+        def out(mats: tuple[torch.Tensor, ...], e: int = e) -> torch.Tensor:
+            """The expert's gate-weighted contribution to the layer output."""
+            return weighted_expert(e, TensorExpert(dict(zip(("w1", "w3", "w2"), mats))), xe, gate, runner, cfg)
+
+        full = out(tuple(teacher.provider.tensors[expert_name(layer, e, n)] for n in ("w1", "w3", "w2")))
         norm = full.pow(2).sum(-1).clamp_min(1e-30)
         for i, b in enumerate(widths[:-1]):
-            d = swiglu(xe, *expert_matrices(model, layer, e, b)) - full
-            cost[t, slot, i] = 0.5 * (fisher[t] * (gate * d) ** 2).sum(-1)
+            d = out(expert_matrices(model, layer, e, b)) - full
+            cost[t, slot, i] = 0.5 * (fisher[t] * d**2).sum(-1)
             rel[t, slot, i] = d.pow(2).sum(-1) / norm
     return LayerRecord(x, routing.idx, routing.weight.float(), cost, rel)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from d2moe.engine.model import LoadedModel
 from d2moe.models.layers import swiglu
-from d2moe.models.moe import route
+from d2moe.models.moe import expert_runner, route_layer
 from d2moe.routing.collect import _teacher, expert_matrices
 from d2moe.routing.width_router import LayerRouter, WidthRouter
 
@@ -78,6 +78,8 @@ def finetune(model: LoadedModel, router: WidthRouter, windows: torch.Tensor, pri
     widths = router.widths.tolist()
     frac = router.byte_frac
     teacher = _teacher(model, widths[-1])
+    if any(expert_runner(teacher.w, f"layers.{L}.", model.config) is not None for L in router.layers):
+        raise ValueError("router-two fine-tuning supports plain SwiGLU experts only; calibrate without it")
     layers = sorted(router.layers)
     experts = {L: _stacked_experts(model, L, widths) for L in layers}
     full = {L: [expert_matrices(model, L, e, widths[-1]) for e in range(model.config.num_experts)]
@@ -98,7 +100,7 @@ def finetune(model: LoadedModel, router: WidthRouter, windows: torch.Tensor, pri
 
         def tap(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             p = params[layer]
-            r = route(x, teacher.w[f"layers.{layer}.router"], model.config)
+            r = route_layer(x, teacher.w, f"layers.{layer}.", model.config)
             view = WidthRouter(router.widths, frac, {layer: LayerRouter(p["A"], p["B"], p["C"], p["v"])})
             q = soft_choice(view.log_costs(layer, x, r.idx, r.weight), price, frac, cfg.tau)  # [T, k, W]
             used.append((q * frac).sum(-1))  # [T, k]

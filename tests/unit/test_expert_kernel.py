@@ -193,3 +193,21 @@ def test_experts_run_together_equal_their_weighted_sum(kernel: CpuKernel, method
     mixed = experts[:2] + [BoundExpert(unpack_expert(layout, blob, 4), 4, kernel)]
     assert BoundExpert.run_many(mixed, weights, x) is None
     assert _rel(weighted_sum(mixed, weights, x), sum(w * e(x) for e, w in zip(mixed, weights))) < 1e-6
+
+
+@pytest.mark.parametrize("tokens", [1, SMALL_T + 4])
+def test_project_matches_reference(kernel: CpuKernel, tokens: int) -> None:
+    """BoundExpert.project (one matrix, for experts that are not plain SwiGLU: GPT-OSS) on the kernel, both
+    the few-token and the decode + GEMM path, against the dequantized reference."""
+    from d2moe.quant.kernels import BoundExpert
+
+    layout, blob = _packed(128, 64, 32, "msb")
+    x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(2))
+    for bits in (2, 5, 8):
+        packed = unpack_expert(layout, blob, bits)
+        fast, slow = BoundExpert(packed, bits, kernel), BoundExpert(packed, bits, None)
+        assert fast.fast and not slow.fast
+        for name, inp in (("w1", x), ("w3", x), ("w2", torch.randn(tokens, 64))):
+            ref = F.linear(inp, dequantize_packed(packed[name], bits))
+            torch.testing.assert_close(slow.project(name, inp), ref)
+            assert _rel(fast.project(name, inp), ref) < TOL_INT16

@@ -21,7 +21,7 @@ from torch import Tensor
 from d2moe.quant.kernels.build import load_library
 from d2moe.quant.kernels.reference import expert_ffn_reference
 from d2moe.quant.mwq import check_bits
-from d2moe.quant.pack import PackedMatrix
+from d2moe.quant.pack import PackedMatrix, dequantize_packed
 
 SMALL_T = 16  # tokens up to which the fused register kernel beats decode + GEMM (benchmarks/kernels.py)
 _P = ctypes.c_void_p
@@ -154,6 +154,17 @@ class BoundExpert:
         if x.shape[0] > self.small_t:
             return expert_ffn(x, self.packed, self.bits, self.kernel, self.small_t)
         return self.kernel.experts_ffn(self.bits, self._addrs, self._unit, _as_input(x, self.hidden), self.inter)
+
+    def project(self, matrix: str, x: Tensor) -> Tensor:
+        """x [T, in] @ W^T [T, out] for one of the expert's matrices at its width: the pieces experts
+        that are not plain SwiGLU are computed from (models/moe.py `expert_runner`)."""
+        pm = self.packed[matrix]
+        x = _as_input(x, pm.in_features)
+        if not self.fast:
+            return F.linear(x, dequantize_packed(pm, self.bits))
+        if x.shape[0] > self.small_t:
+            return F.linear(x, self.kernel.decode(pm, self.bits))
+        return self.kernel.matmul(x, pm, self.bits)
 
     @staticmethod
     def run_many(experts: list[BoundExpert], weights: list[float], x: Tensor) -> Tensor | None:
