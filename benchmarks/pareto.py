@@ -105,8 +105,12 @@ def plan(model: LoadedModel, cal: dict | None) -> list[tuple[str, str, object, f
     return points
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install -e .[bench])")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -123,6 +127,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,10 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["fixed", "random", "hobbit", "edgemoe", "router"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/pareto_default")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's JSON")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of methods not run now from an earlier --out JSON (same text and tokens)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.plot_only:
+        data = json.loads(Path(args.out).with_suffix(".json").read_text())
+        plot(data["rows"], Path(args.out).with_suffix(".png"), f"{Path(data['model']).name}: {data['text']}, "
+             f"{data['tokens']} tokens")
+        return 0
     store = Path(args.model) if args.model else default_model_dir()
     text = Path(args.text) if args.text else default_texts_dir() / "hamlet_gut.txt"
     cal_file = store / CALIBRATION_FILE
@@ -165,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": str(store), "text": text.name, "tokens": args.tokens, "context": args.context,
             "calibration": cal and {k: cal[k] for k in ("sources", "tokens", "tiers") if k in cal}}
     write_result(out.with_suffix(".json"), "pareto", {**meta, "rows": rows})
-    plot(rows, out.with_suffix(".png"), f"{store.name}: {text.name}, {args.tokens} tokens")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    print(f"wrote {out.with_suffix('.json')}")
+    if plot(rows, out.with_suffix(".png"), f"{store.name}: {text.name}, {args.tokens} tokens"):
+        print(f"wrote {out.with_suffix('.png')}")
     return 0
 
 
