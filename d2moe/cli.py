@@ -1,10 +1,12 @@
-"""`d2moe run | eval | info | convert | build-default`: results on stdout, logs and progress on stderr."""
+"""`d2moe run | serve | chat | eval | info | convert | build-default`: results on stdout, logs and progress on
+stderr."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,13 @@ def _positive_ms(value: str) -> float:
     return ms / 1000
 
 
+def _seconds(value: str) -> float:
+    s = float(value)
+    if not s > 0 or s == float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return s
+
+
 def _set_threads(args: argparse.Namespace) -> None:
     """Compute threads for torch and the expert kernel. Their OpenMP regions wait at barriers, so a thread
     that loses its core to another process stalls every step: on a busy machine fewer threads is faster."""
@@ -69,12 +78,13 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _engine(args: argparse.Namespace, context: int, step_tokens: int, full_logits: bool = False):
+def _engine(args: argparse.Namespace, context: int, step_tokens: int, full_logits: bool = False, kv_slots: int = 1):
     from d2moe.config import EngineConfig
 
     return EngineConfig(
         memory_budget=_budget(args.memory_budget),
         context=context,
+        kv_slots=kv_slots,
         step_tokens=step_tokens,
         full_logits=full_logits,
         policy=args.policy,
@@ -292,6 +302,67 @@ def cmd_bench(bench_args: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "benchmarks.bench", *bench_args], cwd=root)
 
 
+def _serving(args: argparse.Namespace):
+    """The store, its engine config (KV for every slot) and the batcher config, for serve and chat."""
+    from d2moe.engine.batcher import BatcherConfig
+    from d2moe.storage.format import load_store_config
+
+    _budget(args.memory_budget)
+    _set_threads(args)
+    path = _model_path(args)
+    store = load_store_config(path)
+    context = min(args.context, store.model.max_position)
+    batcher = BatcherConfig(args.max_batch, args.prefill_chunk, max(args.prefill_chunk + args.max_batch, 1))
+    engine = _engine(args, context, batcher.max_step_tokens, kv_slots=args.max_batch)
+    return path, engine, batcher
+
+
+def _require(*modules: str) -> None:
+    import importlib.util
+
+    from d2moe.errors import MissingDependency
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependency(f"{', '.join(missing)} not installed: pip install 'd2moe[serve]'")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _require("fastapi", "uvicorn", "pydantic", "jinja2")
+    from d2moe.server.app import ServerConfig
+    from d2moe.server.serve import serve
+
+    path, engine, batcher = _serving(args)
+    name = args.model_name or path.resolve().name
+    config = ServerConfig(args.host, args.port, args.api_key, args.max_batch, args.max_queue, args.request_timeout,
+                          model_name=name)
+    return serve(path, engine, batcher, config)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from d2moe.chat import ChatConfig, chat_session
+    from d2moe.engine.chat_template import load_chat_template
+    from d2moe.engine.engine import Engine
+    from d2moe.engine.loop import EngineLoop
+    from d2moe.engine.model import open_model
+    from d2moe.storage.format import StoreError
+
+    _require("jinja2")
+    args.max_batch = 1
+    path, engine_cfg, batcher = _serving(args)
+    template = load_chat_template(path)
+    if template is None:
+        raise StoreError(f"{path}: the store has no chat template (tokenizer_config.json chat_template); "
+                         "use `d2moe run`")
+    with open_model(path, engine_cfg) as model:
+        log.info("%s; policy %s", model.plan.describe(), args.policy)
+        choice = model.width_choice(args.bits, args.tier, args.avg_bits)
+        log.info("%s", _choice_text(choice, args))
+        cfg = ChatConfig(choice.bits, choice.price, args.max_tokens, args.temperature, args.top_p, args.system)
+        with EngineLoop(Engine(model, batcher, engine_cfg.context)) as loop:
+            return chat_session(loop, template, cfg)
+
+
 def cmd_build_default(args: argparse.Namespace) -> int:
     from d2moe.default_model.setup import ensure_default_model
 
@@ -351,6 +422,42 @@ def build_parser() -> argparse.ArgumentParser:
     engine_args(run)
     threads_arg(run)
     run.set_defaults(fn=cmd_run)
+
+    def serving_args(sp: argparse.ArgumentParser, max_batch: bool) -> None:
+        sp.add_argument("--context", type=_positive, default=2048,
+                        help="tokens per sequence, prompt + answer (default 2048, at most the model's)")
+        sp.add_argument("--prefill-chunk", type=_positive, default=128,
+                        help="prompt tokens per step and sequence: long prompts cannot starve decoding")
+        if max_batch:
+            sp.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together (default 8)")
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    model_arg(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=_non_negative, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("D2MOE_API_KEY"),
+                     help="require `Authorization: Bearer KEY` on every route but /health (default: "
+                          "$D2MOE_API_KEY)")
+    srv.add_argument("--max-queue", type=_non_negative, default=64,
+                     help="requests waiting beyond --max-batch; more get 429")
+    srv.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds per request (default 600)")
+    srv.add_argument("--model-name", default=None, help="the model id clients use (default: the store's name)")
+    serving_args(srv, max_batch=True)
+    engine_args(srv)
+    threads_arg(srv)
+    srv.set_defaults(fn=cmd_serve)
+
+    ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit, Ctrl-C stops an answer)")
+    model_arg(ch)
+    width_args(ch)
+    ch.add_argument("--max-tokens", type=_positive, default=512, help="per answer (default 512)")
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--system", default=None, help="a system message")
+    serving_args(ch, max_batch=False)
+    engine_args(ch)
+    threads_arg(ch)
+    ch.set_defaults(fn=cmd_chat)
 
     ev = sub.add_parser("eval", help="held-out perplexity of a text file")
     model_arg(ev)

@@ -67,17 +67,18 @@ class MemoryPlan:
 def plan_memory(cfg: ModelConfig, engine: EngineConfig, dense_bytes: int, layout: ExpertLayout,
                 all_experts_bytes: int) -> MemoryPlan:
     """Split the budget, or raise BudgetError naming the minimum."""
-    kv = kv_cache_bytes(cfg, engine.context)
+    kv = kv_cache_bytes(cfg, engine.context, engine.kv_slots)
     scratch = scratch_bytes(cfg, engine.step_tokens, engine.context, engine.full_logits)
     fixed = dense_bytes + kv + scratch
     one_layer = cfg.top_k * layout.slice_bytes(2)
     minimum = fixed + one_layer
     budget = engine.memory_budget if engine.memory_budget is not None else fixed + all_experts_bytes
     if budget < minimum:
+        slots = "" if engine.kv_slots == 1 else f"{engine.kv_slots} x "
         raise BudgetError(
             f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this model "
             f"and context: dense weights {format_size(dense_bytes)} + KV cache {format_size(kv)} "
-            f"({engine.context} tokens) + scratch {format_size(scratch)} + one layer's {cfg.top_k} experts at "
+            f"({slots}{engine.context} tokens) + scratch {format_size(scratch)} + one layer's {cfg.top_k} experts at "
             f"2 bits {format_size(one_layer)}"
         )
     return MemoryPlan(budget, dense_bytes, kv, scratch, budget - fixed, minimum)

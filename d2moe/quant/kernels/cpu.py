@@ -70,7 +70,8 @@ class CpuKernel:
         self.lib.mwq_matmul.argtypes = [vp, i32, vp, i64, vp, i32, i32]
         self.lib.mwq_decode.argtypes = [vp, i32, vp, i32]
         self.lib.mwq_experts_ffn.argtypes = [i32, vp, i32, vp, i64, vp, vp, vp, i32, i32]
-        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_experts_ffn):
+        self.lib.mwq_invariant_tokens.argtypes = [vp, i32]
+        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_experts_ffn, self.lib.mwq_invariant_tokens):
             f.restype = i32
         object.__setattr__(self, "_avx512", bool(self.lib.mwq_has_avx512()))  # asked once, not per expert
 
@@ -93,6 +94,11 @@ class CpuKernel:
         if rc:
             raise ValueError(f"{pm.name}: unsupported by the CPU kernel (code {rc})")
         return y
+
+    def invariant_tokens(self, pm: PackedMatrix, bits: int) -> int:
+        """Most tokens per call that still give each token the bits it gets alone (see mwq_cpu.cpp)."""
+        m = _mat(pm)
+        return int(self.lib.mwq_invariant_tokens(ctypes.byref(m), bits))
 
     def decode(self, pm: PackedMatrix, bits: int) -> Tensor:
         """W_bits as float32 [out, in] (same values as dequantize_packed, up to float rounding)."""
@@ -147,6 +153,10 @@ class BoundExpert:
             self._structs = [_mat(pm) for pm in mats]  # kept alive: the addresses below point into them
             self._addrs = [ctypes.addressof(m) for m in self._structs]
             self._unit = torch.ones(1)
+        # batching invariance (engine/runner.py): calls of at most this many tokens give each token the result
+        # it gets alone; the torch fallback's fp32 GEMM depends on the row count, so it runs a token at a time
+        self.invariant_tokens = (min(min(kernel.invariant_tokens(pm, bits) for pm in mats), small_t)
+                                 if self.fast else 1)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.fast:  # no compiler, or a group size the kernel does not handle

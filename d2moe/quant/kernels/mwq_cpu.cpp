@@ -177,6 +177,16 @@ int mwq_matmul(const MwqMat* m, int bits, const float* x, int64_t T, float* y, i
     return 0;
 }
 
+// The most tokens (1..16) one call may take while every token is computed exactly as it would be alone:
+// token tiles share arithmetic, but the kernel kind (int16 activations or float) changes with T. A batch
+// split into calls of at most this many tokens per matrix gives each token the same bits at any batch size.
+int mwq_invariant_tokens(const MwqMat* m, int bits) {
+    const int first = int16_kind(*m, bits, 1);
+    int t = 1;
+    while (t < 16 && int16_kind(*m, bits, t + 1) == first) ++t;
+    return t;
+}
+
 // W_bits as float32 [out, in] (for GEMM on large token counts).
 int mwq_decode(const MwqMat* m, int bits, float* w, int nthreads) {
     if (!supported(*m, bits)) return -1;

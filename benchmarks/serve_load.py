@@ -1,0 +1,167 @@
+"""Load on a real `d2moe serve`: concurrency levels, aggregate tokens/s, time to first token and inter-token
+latency percentiles, the server's peak RSS, and bad input sent while it is under load (every bad request must
+get a 4xx and every good one must still finish).
+
+    python -m benchmarks.serve_load [--model PATH] [--concurrency 1 4 16 32] [--requests-per-client 2]
+                                    [--max-tokens 32] [--max-batch 16] [--threads 2] [--out results/serve_load.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import write_result
+from d2moe.default_model.paths import default_model_dir
+
+PROMPTS = ["Tell me about the sea.", "What is the capital of France?", "Write a short poem about rain.",
+           "Explain RAID 5 simply.", "Who wrote Hamlet?", "Give me three colours.", "What is 12 times 12?",
+           "Describe a cat."]
+BAD = [("POST", "/v1/completions", "{oops"), ("POST", "/v1/completions", {"prompt": "", "max_tokens": 4}),
+       ("POST", "/v1/completions", {"prompt": "hi", "temperature": -1}), ("POST", "/v1/chat/completions",
+       {"messages": []}), ("POST", "/v1/completions", {"prompt": "hi", "n": 4}), ("GET", "/v1/completions", None),
+       ("POST", "/v1/completions", {"prompt": "hi", "tier": "nope"})]
+
+
+def percentile(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PeakRss(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            except OSError:
+                return
+            time.sleep(0.05)
+
+
+async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dict:
+    body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code}
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+    return {"status": 200, "ttft": stamps[0] - t0 if stamps else None,
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps)}
+
+
+async def bad_requests(client: httpx.AsyncClient) -> list[int]:
+    codes = []
+    for method, path, body in BAD:
+        kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else (
+            {"json": body} if body is not None else {})
+        codes.append((await client.request(method, path, **kw)).status_code)
+    return codes
+
+
+async def level(base: str, concurrency: int, per_client: int, max_tokens: int) -> dict:
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+        async def worker(w: int) -> list[dict]:
+            return [await one_request(client, w * per_client + k, max_tokens) for k in range(per_client)]
+
+        t0 = time.perf_counter()
+        results, bad = await asyncio.gather(asyncio.gather(*(worker(w) for w in range(concurrency))),
+                                            bad_requests(client))
+        wall = time.perf_counter() - t0
+    flat = [r for rs in results for r in rs]
+    ok = [r for r in flat if r["status"] == 200]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in ok)
+    return {
+        "concurrency": concurrency, "requests": len(flat), "ok": len(ok),
+        "rejected": sorted({r["status"] for r in flat if r["status"] != 200}),
+        "aggregate_tok_per_s": round(tokens / wall, 2), "wall_s": round(wall, 2),
+        "ttft_s": {p: percentile(ttft, p) for p in (50, 90, 99)},
+        "itl_ms": {p: (None if (v := percentile(itl, p)) is None else round(1e3 * v, 2)) for p in (50, 90, 99)},
+        "bad_input_codes": bad, "bad_input_all_4xx": all(400 <= c < 500 for c in bad),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="load test of d2moe serve")
+    ap.add_argument("--model", default=str(default_model_dir()))
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--out", default="results/serve_load.json")
+    args = ap.parse_args(argv)
+    port = free_port()
+    cmd = [sys.executable, "-m", "d2moe.cli", "serve", "--model", args.model, "--port", str(port), "--threads",
+           str(args.threads), "--max-batch", str(args.max_batch), "--context", str(args.context)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        rss = PeakRss(proc.pid)
+        rss.start()
+        idle = rss.peak
+        levels = []
+        for c in args.concurrency:
+            res = asyncio.run(level(base, c, args.requests_per_client, args.max_tokens))
+            levels.append(res)
+            print(f"concurrency {c:2d}: {res['aggregate_tok_per_s']:7.1f} tok/s, TTFT p50 {res['ttft_s'][50]:.2f}s "
+                  f"p99 {res['ttft_s'][99]:.2f}s, ITL p50 {res['itl_ms'][50]} ms p99 {res['itl_ms'][99]} ms, "
+                  f"ok {res['ok']}/{res['requests']}, bad input 4xx: {res['bad_input_all_4xx']}")
+        metrics = httpx.get(base + "/metrics").text
+        rss.stop.set()
+        result = {"max_tokens": args.max_tokens, "max_batch": args.max_batch, "threads": args.threads,
+                  "levels": levels, "peak_rss_bytes": rss.peak, "rss_at_start_bytes": idle,
+                  "metrics": [ln for ln in metrics.splitlines() if ln and not ln.startswith("#")]}
+        print(f"server peak RSS {rss.peak / 2**20:.0f} MiB")
+        write_result(args.out, "serve_load", result)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
