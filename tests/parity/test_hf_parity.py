@@ -50,11 +50,16 @@ def test_incremental_decode_matches_full_forward(tiny_checkpoints, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["msb", "residual"])
+@pytest.mark.parametrize("method", ["msb", "residual", "gptq"])
 def test_8bit_store_close_to_transformers(tiny_checkpoints, tmp_path, family, method):
     ids = _ids(2)
     ref = _hf_logits(tiny_checkpoints[family], ids)
-    store = convert(tiny_checkpoints[family], tmp_path / "m.d2m", MWQConfig(method=method), progress=False)
+    texts = None
+    if method == "gptq":  # calibration text through the byte tokenizer: a few windows of 256 tokens
+        texts = [tmp_path / "calib.txt"]
+        texts[0].write_text(" ".join(f"word{i % 97} and {i * 7 % 31} more." for i in range(300)))
+    store = convert(tiny_checkpoints[family], tmp_path / "m.d2m", MWQConfig(method=method), progress=False,
+                    calib_texts=texts)
     model = open_model(store)
     ours = model.decoder.forward(ids, model.decoder.new_cache(1, 64), bits=8)
     kl = torch.nn.functional.kl_div(ours.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
