@@ -1,8 +1,8 @@
-"""Perplexity vs bits for msb and residual stores of one checkpoint, with the fp32 references beside them.
+"""Perplexity vs bits for msb, residual and gptq stores of one checkpoint, with the fp32 references beside them.
 
 Rows: dense fp32 SmolLM2 (from the GGUF), the unquantized MoE (fp32 experts), then each store at 2..8 bits
 with the expert bytes it read. Defaults follow the default model's build report: held-out Hamlet, the first
-8,192 tokens, windows of 256.
+8,192 tokens, windows of 256. gptq calibrates on the other plays' texts (never the evaluation play).
 
     python benchmarks/quality.py [--checkpoint DIR] [--text FILE] [--bits 2 3 4 8] [--out results/quality.json]
 """
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_result
-from d2moe.config import ModelConfig, MWQConfig
+from d2moe.config import MWQ_METHODS, ModelConfig, MWQConfig
 from d2moe.convert.convert import convert, reference_decoder
+from d2moe.default_model.corpus import calibration_files
 from d2moe.default_model.gguf_llama import find_smollm2_gguf, read_gguf_llama
 from d2moe.default_model.paths import d2moe_home, default_checkpoint_dir, default_texts_dir
 from d2moe.engine.model import open_model
@@ -34,11 +35,11 @@ def _ppl(decoder: MoEDecoder, ids: list[int], bits: int, n: int, ctx: int) -> fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="perplexity vs bits, msb vs residual")
+    ap = argparse.ArgumentParser(description="perplexity vs bits, msb vs residual vs gptq")
     ap.add_argument("--checkpoint", default=str(default_checkpoint_dir()))
     ap.add_argument("--text", default=str(default_texts_dir() / "hamlet_gut.txt"))
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
-    ap.add_argument("--methods", nargs="+", default=["msb", "residual"])
+    ap.add_argument("--methods", nargs="+", default=["msb", "residual", "gptq"], choices=MWQ_METHODS)
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--dense-dtype", default="float16", choices=["float32", "bfloat16", "float16"],
@@ -62,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         stores[method] = work / f"quality-{ckpt.name}-{method}-{args.dense_dtype}"
         if not (stores[method] / "config.json").is_file():
+            texts = None
+            if method == "gptq":  # the other plays: never the evaluation text
+                texts = [f for f in calibration_files(Path(args.text).parent) if f.resolve() != Path(args.text).resolve()]
             convert(ckpt, stores[method], MWQConfig(method=method), dense_dtype=getattr(torch, args.dense_dtype),
-                    overwrite=True)
+                    overwrite=True, calib_texts=texts)
         tok = open_model(stores[method]).require_tokenizer()
     ids = tok.encode(Path(args.text).read_text(), add_special_tokens=False).ids
     if not args.no_dense and (gguf := find_smollm2_gguf()):

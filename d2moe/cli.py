@@ -278,14 +278,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from d2moe.config import MWQConfig
     from d2moe.convert.convert import convert
 
-    mwq = MWQConfig(group_size=args.group_size, method=args.mwq)
+    texts = [Path(t) for t in args.calib_text or ()]
+    method = args.mwq
+    mwq = MWQConfig(group_size=args.group_size, method=method)
     dtype = {
         "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
         "int8": torch.int8,
     }[args.dense_dtype]
     t0 = time.perf_counter()
-    out = convert(Path(args.hf_dir), Path(args.out_dir), mwq, dense_dtype=dtype, overwrite=args.force)
-    log.info("converted %s -> %s in %.1fs", args.hf_dir, out, time.perf_counter() - t0)
+    out = convert(Path(args.hf_dir), Path(args.out_dir), mwq, dense_dtype=dtype, overwrite=args.force,
+                  calib_texts=texts, calib_tokens=args.calib_tokens)
+    log.info("converted %s -> %s (--mwq %s) in %.1fs", args.hf_dir, out, method, time.perf_counter() - t0)
     print(out)
     return 0
 
@@ -495,7 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("hf_dir")
     cv.add_argument("out_dir")
     cv.add_argument("--group-size", type=int, default=64)
-    cv.add_argument("--mwq", choices=("msb", "residual"), default="msb")
+    cv.add_argument(
+        "--mwq", choices=("msb", "residual", "gptq"), default="msb",
+        help="how experts are fitted: msb (INT8 read by its top bits), residual (a fitted scale per plane, "
+        "more bytes), gptq (msb's layout, bytes and kernels, codes by multi-width GPTQ on --calib-text: "
+        "better than msb at 2-5 bits, worse at 8; see the README)",
+    )
+    cv.add_argument("--calib-text", nargs="+", metavar="FILE",
+                    help="calibration text for --mwq gptq (never the text you evaluate on)")
+    cv.add_argument("--calib-tokens", type=_positive, default=4096, help="calibration tokens for gptq (default 4096)")
     cv.add_argument(
         "--dense-dtype",
         choices=("auto", "float32", "bfloat16", "float16", "int8"),

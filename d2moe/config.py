@@ -196,7 +196,8 @@ class ModelConfig:
 _TUPLE_FIELDS = ("dense_layers", "eos_token_ids", "sliding_layers", "chunked_layers", "nope_layers")
 
 
-MWQMethod = Literal["msb", "residual"]
+MWQMethod = Literal["msb", "residual", "gptq"]
+MWQ_METHODS: tuple[str, ...] = ("msb", "residual", "gptq")
 
 
 @dataclass(frozen=True)
@@ -204,13 +205,17 @@ class MWQConfig:
     """Matryoshka weight quantization: 2-bit base + sign planes 3..max_bits, groups along the input dim."""
 
     group_size: int = field(default=64, metadata={"help": "weights per group along the input dimension"})
-    method: MWQMethod = field(default="msb", metadata={"help": "msb: INT8 read by top bits; residual: fitted planes"})
+    method: MWQMethod = field(
+        default="msb",
+        metadata={"help": "msb: INT8 read by top bits; residual: fitted planes (one more scale per plane); "
+                          "gptq: msb's layout, codes by multi-width GPTQ on calibration activations"},
+    )
     min_bits: int = 2
     max_bits: int = 8
 
     def __post_init__(self) -> None:
-        if self.method not in ("msb", "residual"):
-            raise ValueError(f"unknown MWQ method {self.method!r} (choose msb or residual)")
+        if self.method not in MWQ_METHODS:
+            raise ValueError(f"unknown MWQ method {self.method!r} (choose one of {', '.join(MWQ_METHODS)})")
         if self.group_size <= 0 or self.group_size % 8:
             raise ValueError(f"group size must be a positive multiple of 8, got {self.group_size}")
         if not 2 == self.min_bits <= self.max_bits <= 8:
@@ -219,6 +224,12 @@ class MWQConfig:
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(range(self.min_bits, self.max_bits + 1))
+
+    @property
+    def layout(self) -> Literal["msb", "residual"]:
+        """How the values are stored and computed: residual stores a scale per plane; msb and gptq derive
+        them by halving (gptq only chooses other codes and grids than msb: same bytes, same kernels)."""
+        return "residual" if self.method == "residual" else "msb"
 
 
 

@@ -21,11 +21,13 @@ from tqdm import tqdm
 from d2moe.config import ModelConfig, MWQConfig
 from d2moe.convert.dequant import dequantize_fp8_blocks, dequantize_mxfp4
 from d2moe.convert.families import ConversionError, Part, family_for, tensor_parts
+from d2moe.convert.hessians import LayerHessians, calibration_windows, collect_hessians
 from d2moe.models.decoder import MoEDecoder
 from d2moe.models.dense import DenseWeight, quantize_int8, to_stored, wants_int8
 from d2moe.models.expert_provider import TensorExpertProvider
 from d2moe.models.names import EXPERT_MATRICES, attention_names, expert_name, is_expert_name, top_names
-from d2moe.quant.mwq import quantize
+from d2moe.quant.gptq import quantize_gptq
+from d2moe.quant.mwq import NestedWeight, quantize
 from d2moe.quant.pack import ExpertLayout, pack_expert
 from d2moe.storage.format import BLOB_ALIGNMENT, TOKENIZER_FILES, StoreConfig
 from d2moe.storage.writer import StoreWriter
@@ -226,6 +228,22 @@ def _dense_tensor(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> Dens
     return t if dtype is None else t.to(dtype)
 
 
+def _rows(q: NestedWeight, lo: int, hi: int) -> NestedWeight:
+    """Output rows lo:hi of a quantized matrix (w1 and w3 are quantized together: they share their input)."""
+    return NestedWeight(q.offset[lo:hi].contiguous(), q.base_scale[lo:hi].contiguous(), q.base[lo:hi].contiguous(),
+                        q.plane_scales[:, lo:hi].contiguous(), q.planes[:, lo:hi].contiguous())
+
+
+def quantize_layer_gptq(ws: dict[str, list[torch.Tensor]], hess: LayerHessians, mwq: MWQConfig
+                        ) -> list[dict[str, NestedWeight]]:
+    """One layer's experts (ws[m][e] float32) by multi-width GPTQ, batched over the experts."""
+    n_exp, inter = len(ws["w1"]), ws["w1"][0].shape[0]
+    w13 = torch.stack([torch.cat([ws["w1"][e], ws["w3"][e]]) for e in range(n_exp)])  # [E, 2I, H]
+    q13 = quantize_gptq(w13, torch.stack([hess[e][0] for e in range(n_exp)]), mwq)
+    q2 = quantize_gptq(torch.stack(ws["w2"]), torch.stack([hess[e][1] for e in range(n_exp)]), mwq)
+    return [{"w1": _rows(q13[e], 0, inter), "w3": _rows(q13[e], inter, 2 * inter), "w2": q2[e]} for e in range(n_exp)]
+
+
 def convert(
     src: Path,
     out: Path,
@@ -234,13 +252,21 @@ def convert(
     dense_dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    calib_texts: list[Path] | None = None,
+    calib_tokens: int = 4096,
 ) -> Path:
     """Convert `src` into a store at `out` (atomically). Returns `out`.
 
     Dense matrices are stored in `dense_dtype` (None: as the source stores them; torch.int8: per-row int8
     with a bf16 scale per row, see models/dense.py); vectors (norms, biases) always in fp32, since they
     are tiny and feed the fp32 residual stream.
+
+    `mwq.method == "gptq"` needs `calib_texts` (never the evaluation text): about `calib_tokens` tokens of
+    them run through the fp32 source model, and each layer's experts are quantized from their inputs'
+    Hessians as soon as that layer has run (convert/hessians.py, quant/gptq.py).
     """
+    if mwq.method == "gptq" and not calib_texts:
+        raise ConversionError("--mwq gptq needs calibration text (--calib-text FILE...; never the evaluation text)")
     source = open_source(src)
     model = source.model
     layout = expert_layout(model, mwq)
@@ -256,15 +282,30 @@ def convert(
         del dense
         slice_bytes = [layout.slice_bytes(b) for b in mwq.widths]
         bar = tqdm(total=total, desc="quantizing experts", unit="expert", disable=not progress, leave=False)
-        for L in model.moe_layers:
-            for e in range(model.num_experts):
-                weights = {}
-                for m in EXPERT_MATRICES:
-                    name = expert_name(L, e, m)
-                    w = reader.get(name).float()
-                    weights[m] = quantize(w, mwq, calib.get(name))
+
+        def expert_weights(L: int, e: int) -> tuple[torch.Tensor, ...]:
+            return tuple(reader.get(expert_name(L, e, m)).float() for m in EXPERT_MATRICES)
+
+        def write_layer(L: int, hess: LayerHessians | None) -> None:
+            if hess is not None:
+                ws = [expert_weights(L, e) for e in range(model.num_experts)]
+                quantized = quantize_layer_gptq({m: [w[i] for w in ws] for i, m in enumerate(EXPERT_MATRICES)},
+                                                hess, mwq)
+            else:
+                quantized = ({m: quantize(reader.get(expert_name(L, e, m)).float(), mwq, calib.get(expert_name(L, e, m)))
+                              for m in EXPERT_MATRICES} for e in range(model.num_experts))
+            for e, weights in enumerate(quantized):
                 writer.add_expert(L, e, pack_expert(layout, weights), slice_bytes)
                 bar.update()
+
+        if mwq.method == "gptq":
+            windows = calibration_windows(Path(src) / "tokenizer.json", list(calib_texts), calib_tokens)
+            fp32 = {n: reader.get(n).float() for n in source.tensors if not is_expert_name(n)}
+            collect_hessians(model, fp32, expert_weights, windows, write_layer)
+            del fp32
+        else:
+            for L in model.moe_layers:
+                write_layer(L, None)
         bar.close()
         copied = writer.copy_files(Path(src), TOKENIZER_FILES)
         if "tokenizer.json" not in copied:

@@ -19,6 +19,8 @@ sign bit sigma_i in {-1, +1} per weight and plane. The b-bit weight is a prefix 
   keep msb's fit, and a final pass keeps each group's error non-increasing as planes are added.
   On SmolLM2 FFN weights this is 0.998 / 0.97 / 0.86 / 0.78 / 0.66 / 0.67 / 0.88 x msb's squared error at
   2..8 bits, but residual stores one more float16 scale per group and plane (+0.25 bit/weight per plane).
+* `gptq` (quant/gptq.py): msb's layout and kernels, codes and grids chosen by a multi-width GPTQ against
+  each matrix's output error on calibration activations.
 
 Scalars are rounded to float16 inside `quantize` (they are stored as float16, see pack.py), so
 `dequantize` is exactly what a packed blob reconstructs. Pure functions of float32 torch tensors (float64
@@ -94,12 +96,14 @@ def check_bits(bits: int, max_bits: int) -> None:
 
 
 def quantize(w: Tensor, cfg: MWQConfig, act_sq: Tensor | None = None) -> NestedWeight:
-    """Quantize `w` [out, in] into the nested form; `act_sq` [in] weights the residual fit's error."""
+    """Quantize `w` [out, in] into the nested form; `act_sq` [in] weights the residual fit's error.
+
+    `gptq` needs the matrix's input Hessian (quant/gptq.py, driven by the converter); alone it is msb's fit."""
     _check_weight(w, cfg, act_sq)
     w = w.detach().to(torch.float32)
     out, n_in = w.shape
     g = w.reshape(out * (n_in // cfg.group_size), cfg.group_size)  # [N, gs], N = out * G
-    if cfg.method == "msb":
+    if cfg.layout == "msb":
         theta, codes = _fit_msb(g, cfg.max_bits)
     else:
         a = None if act_sq is None else act_sq.to(torch.float32).reshape(-1, cfg.group_size).repeat(out, 1)

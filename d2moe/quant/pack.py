@@ -47,7 +47,7 @@ class PackedMatrix:
     out_features: int
     in_features: int
     group_size: int
-    method: str
+    method: str  # the layout: "msb" (plane scales derived) or "residual" (stored)
     bits: int  # widest width these views hold
     offset: Tensor  # [out, G] fp16
     base_scale: Tensor  # [out, G] fp16
@@ -118,7 +118,7 @@ class ExpertLayout:
                     entry["offset"], entry["base_scale"], entry["base"] = pos, pos + scal, pos + 2 * scal
                     pos += 2 * scal + _pad(out * n_in // 4)
                 else:
-                    if self.cfg.method == "residual":
+                    if self.cfg.layout == "residual":
                         entry["scale"] = pos
                         pos += scal
                     entry["bits"] = pos
@@ -184,7 +184,7 @@ def pack_slice(layout: ExpertLayout, weights: dict[str, NestedWeight], bits: int
             base = torch.stack([pack_bits((q.base & 1).bool()), pack_bits((q.base >> 1).bool())], dim=1)
             chunks += [_fp16_bytes(q.offset), _fp16_bytes(q.base_scale), base.numpy().tobytes()]
         else:
-            if layout.cfg.method == "residual":
+            if layout.cfg.layout == "residual":
                 chunks.append(_fp16_bytes(q.plane_scales[bits - 3]))
             chunks.append(pack_bits(q.planes[bits - 3]).numpy().tobytes())
     data = _padded(chunks)
@@ -276,7 +276,7 @@ def assemble_expert(layout: ExpertLayout, slices: list[SliceArrays]) -> dict[str
             out_features=rows,
             in_features=n_in,
             group_size=layout.cfg.group_size,
-            method=layout.cfg.method,
+            method=layout.cfg.layout,
             bits=bits,
             offset=base["offset"],
             base_scale=base["base_scale"],

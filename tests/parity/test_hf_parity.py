@@ -52,15 +52,20 @@ def test_incremental_decode_matches_full_forward(tiny_checkpoints, family):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-# residual planes are fitted per expert (slow) and do not depend on the family: the first four suffice
-_STORES = [("msb", f) for f in FAMILIES] + [("residual", f) for f in FAMILIES[:4]]
+# residual and gptq codes are fitted per expert (slow) and do not depend on the family: the first four suffice
+_STORES = [("msb", f) for f in FAMILIES] + [(m, f) for m in ("residual", "gptq") for f in FAMILIES[:4]]
 
 
 @pytest.mark.parametrize(("method", "family"), _STORES, ids=[f"{m}-{f}" for m, f in _STORES])
 def test_8bit_store_close_to_transformers(tiny_checkpoints, tmp_path, family, method):
     ids = _ids(2)
     ref = _hf_logits(tiny_checkpoints[family], ids)
-    store = convert(tiny_checkpoints[family], tmp_path / "m.d2m", MWQConfig(method=method), progress=False)
+    texts = None
+    if method == "gptq":  # calibration text through the byte tokenizer: a few windows of 256 tokens
+        texts = [tmp_path / "calib.txt"]
+        texts[0].write_text(" ".join(f"word{i % 97} and {i * 7 % 31} more." for i in range(300)))
+    store = convert(tiny_checkpoints[family], tmp_path / "m.d2m", MWQConfig(method=method), progress=False,
+                    calib_texts=texts)
     model = open_model(store)
     ours = model.decoder.forward(ids, model.decoder.new_cache(1, 64), bits=8)
     kl = torch.nn.functional.kl_div(ours.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")

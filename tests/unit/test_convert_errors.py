@@ -52,6 +52,12 @@ def test_bad_group_size_leaves_nothing(tiny_checkpoints, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_gptq_without_calibration_text_leaves_nothing(tiny_checkpoints, tmp_path):
+    with pytest.raises(ConversionError, match="gptq needs calibration text"):
+        convert(tiny_checkpoints["mixtral"], tmp_path / "out", MWQConfig(method="gptq"), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_transformers4_style_config(tiny_checkpoints, tmp_path):
     """Hub checkpoints carry `rope_theta` (transformers 4); transformers 5 writes `rope_parameters`."""
     ck = _copy(tiny_checkpoints["qwen3_moe"], tmp_path / "ck")

@@ -211,3 +211,27 @@ def test_project_matches_reference(kernel: CpuKernel, tokens: int) -> None:
             ref = F.linear(inp, dequantize_packed(packed[name], bits))
             torch.testing.assert_close(slow.project(name, inp), ref)
             assert _rel(fast.project(name, inp), ref) < TOL_INT16
+
+
+def test_gptq_blobs_run_on_the_msb_kernels(kernel: CpuKernel) -> None:
+    """gptq stores msb's layout (codes chosen otherwise, more of them clamped to 0 / 255): the fast kernels,
+    GFNI msb path included, match the reference on its blobs at every width."""
+    from d2moe.quant.gptq import quantize_gptq
+
+    h, i, gs = 128, 64, 64
+    layout = ExpertLayout.swiglu(h, i, MWQConfig(group_size=gs, method="gptq"))
+    g = torch.Generator().manual_seed(4)
+    weights = {}
+    for name, o, c in layout.shapes:
+        x = torch.randn(256, c, generator=g)
+        x[:, :2] *= 10
+        weights[name] = quantize_gptq(torch.randn(1, o, c, generator=g) * 0.05, (x.T @ x)[None], layout.cfg)[0]
+    blob = pack_expert(layout, weights)
+    for bits in range(2, 9):
+        packed = unpack_expert(layout, blob, bits)
+        assert all(pm.method == "msb" and not pm.plane_scales for pm in packed.values())
+        for t in (1, 5, 40):
+            x = torch.randn(t, h, generator=g)
+            ref = expert_ffn_reference(x, packed, bits)
+            tol = TOL_INT16 if t <= SMALL_T else TOL_FLOAT
+            assert _rel(expert_ffn(x, packed, bits, kernel), ref) < tol, (bits, t)
