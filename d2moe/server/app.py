@@ -112,7 +112,8 @@ class Handlers:
         bits, price = self.width(req)
         temperature = 1.0 if req.temperature is None else req.temperature
         return EngineRequest(tuple(ids), max_tokens, temperature, 1.0 if req.top_p is None else req.top_p,
-                             req.seed, bits, price, req.stop_list(), logprobs=logprobs,
+                             req.seed, bits, price, req.stop_list(), stop_on_eos=not req.ignore_eos,
+                             logprobs=logprobs,
                              prompt_logprobs=prompt_logprobs, token_stats=req.d2moe_stats)
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:

@@ -56,6 +56,7 @@ class _Common(BaseModel):
     avg_bits: float | None = Field(default=None, allow_inf_nan=False)
     bits: int | None = None
     d2moe_stats: bool = False  # each token's mean expert width and expert bytes, in a "d2moe" field
+    ignore_eos: bool = False  # generate max_tokens even past end-of-sequence (vLLM's extension; load tests)
 
     @field_validator("n")
     @classmethod

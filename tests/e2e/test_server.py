@@ -212,7 +212,7 @@ def test_chat_page_and_width_stats(cal_server):
 
 def test_queue_full_gets_429_with_retry_after(cal_server):
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"prompt": "abc", "max_tokens": 150, "stream": True}
+    body = {"prompt": "abc", "max_tokens": 190, "stream": True, "ignore_eos": True}  # hold the slots
     streams = [httpx.stream("POST", cal_server + "/v1/completions", json=body, headers=headers, timeout=60)
                for _ in range(8)]
     try:
