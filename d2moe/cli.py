@@ -11,6 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+from d2moe.cli_args import bits as _bits
+from d2moe.cli_args import milliseconds as _positive_ms
+from d2moe.cli_args import non_negative as _non_negative
+from d2moe.cli_args import positive as _positive
+from d2moe.cli_args import seconds as _seconds
+
 log = logging.getLogger("d2moe")
 
 
@@ -32,41 +38,6 @@ def _budget(text: str | None) -> int | None:
     from d2moe.util.sizes import parse_size
 
     return None if text is None else parse_size(text)
-
-
-def _bits(value: str) -> int:
-    bits = int(value)
-    if not 2 <= bits <= 8:
-        raise argparse.ArgumentTypeError("bits must be between 2 and 8")
-    return bits
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
-
-
-def _non_negative(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError("must be at least 0")
-    return n
-
-
-def _positive_ms(value: str) -> float:
-    ms = float(value)
-    if not ms > 0 or ms == float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number of milliseconds")
-    return ms / 1000
-
-
-def _seconds(value: str) -> float:
-    s = float(value)
-    if not s > 0 or s == float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return s
 
 
 def _set_threads(args: argparse.Namespace) -> None:
