@@ -25,7 +25,7 @@ from d2moe.io.loader import SliceLoader
 from d2moe.models.decoder import MoEDecoder
 from d2moe.models.dense import DenseWeight, dense_nbytes, load_dense
 from d2moe.models.moe import WidthRule
-from d2moe.models.widths import HobbitRule, routed_widths, static_widths
+from d2moe.models.widths import HobbitRule, RoutedWidths, static_widths
 from d2moe.routing.calibration import Calibration, load_calibration
 from d2moe.routing.tiers import WidthChoice
 from d2moe.quant.kernels import load_kernel
@@ -181,7 +181,7 @@ def _width_rule(spec: PolicySpec, provider: object, calibration: Calibration | N
     router = calibration.router if calibration is not None else None
     if router is None:
         return None
-    return lambda layer, x, r, token_bits, price: routed_widths(router, layer, x, r.idx, r.weight, token_bits, price)
+    return RoutedWidths(router)
 
 
 class HoldProvider(PipelinedProvider):

@@ -10,7 +10,7 @@ from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import PREFETCH_MAX_TOKENS, ExpertProvider
 from d2moe.models.layers import KVCache, Rope, attention, embedding, linear, norm, swiglu
 from d2moe.models.mla import mla_attention
-from d2moe.models.moe import WidthRule, chosen_widths, moe_block, predict_demands, route_layer
+from d2moe.models.moe import WidthRule, chosen_widths, moe_block, one_token_widths, predict_demands, route_layer
 from d2moe.models.names import attention_names, top_names
 
 # After a prefill, the first MoE layers' experts of the prompt's last token are read ahead for the first
@@ -94,8 +94,14 @@ class MoEDecoder:
                     q = f"layers.{nxt}."
                     guess_x = norm(h, w, q + "ffn_norm", cfg).reshape(B * T, -1)
                     guess = route_layer(guess_x, w, q, cfg)
-                    bits_tk = chosen_widths(nxt, guess_x, guess, flat_bits, flat_price, self.widths)
-                    self.provider.prefetch(nxt, predict_demands(guess, bits_tk))
+                    if B * T == 1:  # decode: lists, the rule's fast path
+                        idx, weight = guess.idx[0].tolist(), guess.weight[0].tolist()
+                        bits_k = one_token_widths(nxt, guess_x, guess, idx, weight, flat_bits, flat_price, self.widths)
+                        demands = [(e, b, 1) for e, b in zip(idx, bits_k) if b > 0]
+                    else:
+                        demands = predict_demands(guess, chosen_widths(nxt, guess_x, guess, flat_bits, flat_price,
+                                                                       self.widths))
+                    self.provider.prefetch(nxt, demands)
                 if self.prefetch and B * T > PREFETCH_MAX_TOKENS and len(warm) < WARM_LAYERS:
                     last = x[:, -1].reshape(B, -1)  # [B, H]: each sequence's last token
                     r = route_layer(last, w, p, cfg)

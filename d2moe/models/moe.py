@@ -159,13 +159,12 @@ def _many_tokens(
     return out
 
 
-def _one_token(xf: torch.Tensor, routing: Routing, bits: list[int], layer: int, provider: ExpertProvider,
-               cfg: ModelConfig, runner: ExpertRunner | None = None) -> torch.Tensor:
+def _one_token(xf: torch.Tensor, idx: list[int], weight: list[float], bits: list[int], layer: int,
+               provider: ExpertProvider, cfg: ModelConfig, runner: ExpertRunner | None = None) -> torch.Tensor:
     """Decode step: k distinct experts, no grouping. One token's experts cost a fraction of a millisecond
     against milliseconds per read, so they run together in one kernel call once all are ready, in routing
-    order: every policy and arrival order gives bit-identical results. bits [k] (0: skipped)."""
-    weight = routing.weight[0].tolist()
-    chosen = [(e, b, w) for e, b, w in zip(routing.idx[0].tolist(), bits, weight) if b > 0]
+    order: every policy and arrival order gives bit-identical results. idx, weight, bits [k] (0: skipped)."""
+    chosen = [(e, b, w) for e, b, w in zip(idx, bits, weight) if b > 0]
     fns: dict[int, object] = {}
     for batch in provider.experts(layer, [(e, b, 1) for e, b, _ in chosen], hold=True):
         fns.update((e, fn) for e, _, fn in batch)
@@ -189,6 +188,19 @@ def predict_demands(routing: Routing, bits: torch.Tensor) -> list:
         best[e] = (n + 1, min(r, rank), max(w, b))
     order = sorted(best, key=lambda e: (-best[e][0], best[e][1]))
     return [(e, best[e][2], best[e][0]) for e in order]
+
+
+def one_token_widths(layer: int, x: torch.Tensor, routing: Routing, idx: list[int], weight: list[float],
+                     token_bits: torch.Tensor, price: torch.Tensor | None, widths: WidthRule | None) -> list[int]:
+    """`chosen_widths` for one token x [1,H] as a list, through the rule's list path (`one`) if it has one:
+    a decode step asks this in every MoE layer, twice with prefetch."""
+    bits = int(token_bits[0])
+    if widths is None:
+        return [bits] * len(idx)
+    one = getattr(widths, "one", None)
+    if one is None:
+        return widths(layer, x, routing, token_bits, price)[0].tolist()
+    return one(layer, x, idx, weight, bits, None if price is None else float(price[0]))
 
 
 def chosen_widths(layer: int, x: torch.Tensor, routing: Routing, token_bits: torch.Tensor,
@@ -215,12 +227,12 @@ def moe_block(
     by default every chosen expert runs at its token's width."""
     routing = routing if routing is not None else route_layer(x, w, prefix, cfg)
     if x.shape[0] == 1:
-        bits = ([int(token_bits[0])] * cfg.top_k if widths is None
-                else widths(layer, x, routing, token_bits, price)[0].tolist())
+        idx, weight = routing.idx[0].tolist(), routing.weight[0].tolist()
+        bits = one_token_widths(layer, x, routing, idx, weight, token_bits, price, widths)
         if width_hist is not None:
             for b in bits:
                 width_hist[b] += 1
-        out = _one_token(x.float(), routing, bits, layer, provider, cfg, expert_runner(w, prefix, cfg))
+        out = _one_token(x.float(), idx, weight, bits, layer, provider, cfg, expert_runner(w, prefix, cfg))
     else:
         bits_tk = chosen_widths(layer, x, routing, token_bits, price, widths)
         if width_hist is not None:

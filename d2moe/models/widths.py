@@ -12,6 +12,7 @@ the routing, the request's widths and, for HOBBIT, the widths already resident (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,3 +64,21 @@ def routed_widths(router: WidthRouter, layer: int, x: torch.Tensor, idx: torch.T
     chosen = router.widths_for(layer, x[routed], idx[routed], weight[routed], price[routed])
     fixed[routed] = torch.minimum(chosen, fixed[routed])
     return fixed
+
+
+@dataclass(frozen=True)
+class RoutedWidths:
+    """Router two as a width rule: `__call__` for any number of tokens, `one` for a decode step's single
+    token (lists in and out; `WidthRouter.one_token`, tested against `__call__`)."""
+
+    router: WidthRouter
+
+    def __call__(self, layer: int, x: torch.Tensor, r, token_bits: torch.Tensor,
+                 price: torch.Tensor | None) -> torch.Tensor:
+        return routed_widths(self.router, layer, x, r.idx, r.weight, token_bits, price)
+
+    def one(self, layer: int, x: torch.Tensor, idx: list[int], weight: list[float], bits: int,
+            price: float | None) -> list[int]:
+        if price is None or math.isnan(price) or layer not in self.router.layers:
+            return [bits] * len(idx)
+        return self.router.one_token(layer, x, idx, weight, price, bits)

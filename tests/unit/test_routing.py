@@ -174,3 +174,26 @@ def test_log_costs_fast_path_matches_reference(seed, T, k):
         torch.randn(7, generator=g)
     idx, w = torch.randint(0, 5, (T, k), generator=g), torch.rand(T, k, generator=g)
     torch.testing.assert_close(layer_log_costs(z, B, C, v, idx, w), layer_log_costs_reference(z, B, C, v, idx, w))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0, 20), st.integers(2, 8))
+def test_one_token_fast_path_matches_the_batched_rule(seed, price, cap):
+    """Decode's list path (`WidthRouter.one_token`) picks what `widths_for` picks, but at float32 ties."""
+    from d2moe.models.widths import RoutedWidths
+
+    router = _router(seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    x, idx, w = torch.randn(1, 8, generator=g), torch.randint(0, 4, (1, 3), generator=g), torch.rand(1, 3, generator=g)
+    ref = torch.clamp(router.widths_for(0, x, idx, w, torch.tensor([price])), max=cap)[0].tolist()
+    fast = router.one_token(0, x, idx[0].tolist(), w[0].tolist(), price, cap)
+    total = (router.log_costs(0, x, idx, w).exp() + price * FRAC)[0].double()  # [k, W]
+    for k, (a, b) in enumerate(zip(fast, ref)):
+        if a != b:  # only a tie within float32 rounding may differ
+            ta, tb = total[k, WIDTHS.tolist().index(a)], total[k, WIDTHS.tolist().index(b)]
+            assert abs(ta - tb) <= 1e-5 * max(abs(ta), abs(tb), 1e-12), (fast, ref)
+    rule = RoutedWidths(router)
+    r = type("R", (), {"idx": idx, "weight": w})()
+    assert rule.one(0, x, idx[0].tolist(), w[0].tolist(), cap, float("nan")) == [cap] * 3  # fixed-width token
+    assert rule.one(7, x, idx[0].tolist(), w[0].tolist(), cap, price) == [cap] * 3  # a layer without a router
+    assert rule(0, x, r, torch.tensor([cap]), torch.tensor([price]))[0].tolist() == ref
