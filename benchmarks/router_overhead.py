@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import median, write_result
+from benchmarks.decode import decode_rate
 from d2moe.default_model.paths import default_model_dir
 from d2moe.engine.generate import Request, generate
 from d2moe.engine.model import open_model
@@ -46,16 +47,6 @@ def rule_call_us(model, calls: int = 2000) -> float:
             one_token_widths(L, x, r, idx, weight, bits, price, dec.widths)
         per_layer.append((time.thread_time() - t0) / calls * 1e6)
     return median(per_layer)
-
-
-def decode_rate(model, request: Request, clock) -> tuple[float, list[int]]:
-    """Decode tokens per second of `clock` (the first token comes out of prefill and is not counted)."""
-    tokens, t0 = [], 0.0
-    for tok in generate(model, request):
-        tokens.append(tok)
-        if len(tokens) == 1:
-            t0 = clock()
-    return (len(tokens) - 1) / (clock() - t0), tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                 pass
     for _ in range(args.repeats):
         for mode, price in modes.items():
-            rate, outputs[mode] = decode_rate(model, Request(ids, params, bits, price), clock)
-            runs[mode].append(rate)
+            req = Request(ids, params, bits, price)
+            runs[mode].append(decode_rate(model, req, clock))
+            if mode not in outputs:
+                outputs[mode] = list(generate(model, req))
     fixed, router = median(runs["fixed"]), median(runs["router"])
     overhead = fixed / router - 1  # extra time per token, as a fraction of the fixed-width step
     call_us = rule_call_us(model)

@@ -38,6 +38,10 @@ class MoEDecoder:
         self.attention = mla_attention if cfg.attention == "mla" else attention
         self.lm_head = dense["embed"] if cfg.tie_word_embeddings else dense["lm_head"]
         self._check_weights()
+        if cfg.absent_expert_bias:  # fp32 once, not per layer per step
+            for L in cfg.moe_layers:
+                absent = dense[f"layers.{L}.absent_bias"].float()
+                dense[f"layers.{L}.absent_bias"], dense[f"layers.{L}.absent_total"] = absent, absent.sum(0)
 
     def _check_weights(self) -> None:
         missing = [n for n in top_names(self.cfg) if n not in self.w]

@@ -243,7 +243,6 @@ def moe_block(
         if cfg.shared_expert_gate:
             shared = torch.sigmoid(linear(x, w[prefix + "shared_gate"])) * shared
         out = out + shared
-    if cfg.absent_expert_bias:
-        absent = w[prefix + "absent_bias"].float()  # [E, H]
-        out = out + absent.sum(0) - absent[routing.idx].sum(1)
+    if cfg.absent_expert_bias:  # fp32 [E, H] and its sum over experts, made once by the decoder
+        out = out + (w[prefix + "absent_total"] - w[prefix + "absent_bias"][routing.idx].sum(1))
     return out.to(x.dtype)
