@@ -20,7 +20,8 @@ from d2moe.quant.pack import ExpertLayout, PackedMatrix, dequantize_packed, pack
 # activations to int16 per group (~1e-4 per matrix, ~4e-4 per expert, ~1e-3 with 100x outliers).
 TOL_FLOAT = 2e-6
 TOL_INT16 = 2e-3
-SHAPES = [(576, 192, 64), (80, 48, 16), (96, 160, 32), (128, 256, 128), (40, 24, 8)]  # (H, I, group_size)
+# (H, I, group_size); 1024/640 columns: the msb kernel's 512-column blocks with and without a tail
+SHAPES = [(576, 192, 64), (80, 48, 16), (96, 160, 32), (128, 256, 128), (40, 24, 8), (1024, 640, 64), (512, 1024, 128)]
 
 
 @pytest.fixture(scope="module")

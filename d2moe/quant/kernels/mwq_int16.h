@@ -168,32 +168,75 @@ inline __m512 dot_lanes(const float* a, const float* b, int64_t G) {
     return c;
 }
 
+// The plane words of 8 consecutive 64-column chunks at once: one 64-byte load per plane (512 columns), then
+// an 8x8 transpose of 64-bit lanes (unpack, then two rounds of 128-bit lane shuffles) gives each chunk its
+// NP words in msb_codes64's order: 1 load and 3 shuffles per chunk instead of 8 scalar loads and 7 inserts.
+template <int NP>
+inline void msb_codes512(const uint8_t* const* pl, int64_t byte, __m512i* codes) {
+    __m512i w[8];
+    for (int k = 0; k < 8; ++k)  // k-th most significant plane: b1, b0, plane 3, ...
+        w[k] = k < NP ? _mm512_loadu_si512(k == 0 ? pl[1] + byte : k == 1 ? pl[0] + byte : pl[k] + byte)
+                      : _mm512_setzero_si512();
+    __m512i a[8], b[8];
+    for (int k = 0; k < 4; ++k) {  // a[k]: (w2k, w2k+1) pairs of even chunks; a[k+4]: of odd chunks
+        a[k] = _mm512_unpacklo_epi64(w[2 * k], w[2 * k + 1]);
+        a[k + 4] = _mm512_unpackhi_epi64(w[2 * k], w[2 * k + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {  // h: even / odd chunks
+        const __m512i* s = a + 4 * h;
+        b[4 * h + 0] = _mm512_shuffle_i64x2(s[0], s[1], 0x88);  // lanes 0, 2 of each: chunks 2h+0, 2h+4
+        b[4 * h + 1] = _mm512_shuffle_i64x2(s[2], s[3], 0x88);
+        b[4 * h + 2] = _mm512_shuffle_i64x2(s[0], s[1], 0xdd);  // lanes 1, 3 of each: chunks 2h+2, 2h+6
+        b[4 * h + 3] = _mm512_shuffle_i64x2(s[2], s[3], 0xdd);
+    }
+    const __m512i perm = _mm512_load_si512(kGfniTables.perm), sel = _mm512_load_si512(kGfniTables.sel);
+    for (int h = 0; h < 2; ++h)
+        for (int q = 0; q < 2; ++q) {
+            const __m512i lo = b[4 * h + 2 * q], hi = b[4 * h + 2 * q + 1];
+            const __m512i c0 = _mm512_shuffle_i64x2(lo, hi, 0x88), c1 = _mm512_shuffle_i64x2(lo, hi, 0xdd);
+            codes[h + 2 * q] = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_permutexvar_epi8(perm, c0), 0);
+            codes[h + 2 * q + 4] = _mm512_gf2p8affine_epi64_epi8(sel, _mm512_permutexvar_epi8(perm, c1), 0);
+        }
+}
+
 template <int NP, int TT>
 void row_dot_gfni(const MwqMat& m, int64_t r, const float* zc, const float* s2, const QuantX& q, float* y,
                   int64_t ldy) {
-    const int64_t G = m.in / m.group_size, upg = m.group_size / 64;
+    const int64_t G = m.in / m.group_size, upg = m.group_size / 64, chunks = m.in / 64;
     const uint8_t* pl[8];
     row_planes(m, NP, r, pl);
     __m512 out[TT];
-    for (int t = 0; t < TT; ++t) out[t] = _mm512_setzero_ps();
-    int64_t col = 0;
-    for (int64_t g = 0; g < G; ++g) {
-        __m512i acc[TT];
-        for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_si512();
-        for (int64_t u = 0; u < upg; ++u, col += 64) {
-            const __m512i codes = msb_codes64<NP>(pl, col / 8);
-            const __m512i lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes));
-            const __m512i hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1));
-            for (int t = 0; t < TT; ++t) {
-                const int16_t* xt = q.x16 + t * m.in + col;
-                acc[t] = _mm512_dpwssd_epi32(acc[t], lo, _mm512_loadu_si512(xt));
-                acc[t] = _mm512_dpwssd_epi32(acc[t], hi, _mm512_loadu_si512(xt + 32));
-            }
-        }
-        const float unit = s2[g] * (1.f / 64.f);
-        for (int t = 0; t < TT; ++t)
-            out[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(unit * q.sx[t * G + g]), out[t]);
+    __m512i acc[TT];
+    for (int t = 0; t < TT; ++t) {
+        out[t] = _mm512_setzero_ps();
+        acc[t] = _mm512_setzero_si512();
     }
+    int64_t g = 0, u = 0;  // group, chunk within it
+    auto consume = [&](__m512i codes, int64_t col) __attribute__((always_inline)) {
+        const __m512i lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes));
+        const __m512i hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1));
+        for (int t = 0; t < TT; ++t) {
+            const int16_t* xt = q.x16 + t * m.in + col;
+            acc[t] = _mm512_dpwssd_epi32(acc[t], lo, _mm512_loadu_si512(xt));
+            acc[t] = _mm512_dpwssd_epi32(acc[t], hi, _mm512_loadu_si512(xt + 32));
+        }
+        if (++u == upg) {
+            const float unit = s2[g] * (1.f / 64.f);
+            for (int t = 0; t < TT; ++t) {
+                out[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(unit * q.sx[t * G + g]), out[t]);
+                acc[t] = _mm512_setzero_si512();
+            }
+            u = 0;
+            ++g;
+        }
+    };
+    int64_t c = 0;
+    for (; c + 8 <= chunks; c += 8) {
+        __m512i codes[8];
+        msb_codes512<NP>(pl, c * 8, codes);
+        for (int j = 0; j < 8; ++j) consume(codes[j], (c + j) * 64);
+    }
+    for (; c < chunks; ++c) consume(msb_codes64<NP>(pl, c * 8), c * 64);
     for (int t = 0; t < TT; ++t)  // + sum_g z'_g * sum(x_g)
         y[t * ldy] = hsum(_mm512_add_ps(out[t], dot_lanes(zc, q.xs + t * G, G)));
 }
