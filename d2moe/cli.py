@@ -1,5 +1,5 @@
-"""`d2moe run | serve | chat | eval | info | convert | build-default`: results on stdout, logs and progress on
-stderr."""
+"""`d2moe run | serve | chat | eval | info | convert | export | build-default`: results on stdout, logs and
+progress on stderr."""
 
 from __future__ import annotations
 
@@ -264,6 +264,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from d2moe.export import export
+
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    t0 = time.perf_counter()
+    out = export(Path(args.store), Path(args.out), bits=args.bits, fmt=args.format, dtype=dtype,
+                 hf_config=Path(args.hf_config) if args.hf_config else None)
+    log.info("exported %s -> %s (%s) in %.1fs", args.store, out, args.format, time.perf_counter() - t0)
+    print(out)
+    return 0
+
+
 def cmd_bench(bench_args: list[str]) -> int:
     """Run benchmarks/bench.py from the source tree (benchmarks are not part of an installed wheel)."""
     import subprocess
@@ -488,6 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cv.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     cv.set_defaults(fn=cmd_convert)
+
+    ex = sub.add_parser("export", help="the model at one width as a Hugging Face (safetensors) or llama.cpp (gguf) "
+                                       "model, to serve elsewhere")
+    ex.add_argument("store")
+    ex.add_argument("out", help="a new directory (safetensors) or file (gguf)")
+    ex.add_argument("--bits", type=_bits, default=None, help="expert width, 2..8 (default: the store's widest)")
+    ex.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors")
+    ex.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="safetensors: tensor dtype (auto: the store's dense dtype; bfloat16 for int8 stores)")
+    ex.add_argument("--hf-config", default=None, metavar="PATH",
+                    help="safetensors: the source's config.json, when the store's source directory is gone and "
+                         "its family's config cannot be rebuilt")
+    ex.set_defaults(fn=cmd_export)
 
     sub.add_parser("bench", help="memory-starved benchmark against llama.cpp (root, cgroups; minutes); "
                    "`d2moe bench --help` for its options")
