@@ -209,3 +209,43 @@ def test_int8_dense_store_close_to_fp32(tiny_checkpoints, tmp_path):
     steps = [q8.decoder.forward(ids[:, :20], cache, bits=8)]
     steps += [q8.decoder.forward(ids[:, t : t + 1], cache, bits=8) for t in range(20, 24)]
     torch.testing.assert_close(torch.cat(steps, 1), b, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (960, 576), (40, 1536), (3, 64)])
+def test_d2moe_int8_kernel_is_exact_and_batch_invariant(shape):
+    """d2moe's VNNI kernel (int16 activations per 64 columns): each activation within 2^-16 of its group's
+    largest, so the product within 2^-15 of sum_g amax_g |w_g|; and each row's bits the same whatever rows
+    share the call (ragged batching relies on it)."""
+    from d2moe.models.dense import KERNEL_MAX_TOKENS
+    from d2moe.quant.kernels import load_kernel
+
+    kernel = load_kernel()
+    out, inp = shape
+    m = quantize_int8(_matrix(out, inp, seed=3))
+    x = torch.randn(KERNEL_MAX_TOKENS, inp, generator=torch.Generator().manual_seed(2)) * 3
+    y = kernel.int8_linear(x, m.q, m.scale) if kernel is not None else None
+    if y is None:
+        pytest.skip("no AVX-512 VNNI kernel on this machine: torch's kernel serves int8 matrices")
+    w = dequantize_int8(m).abs()  # [out, in]
+    group_max = x.abs().view(x.shape[0], -1, 64).amax(-1)  # [T, G]: each activation is within 2^-16 of it
+    bound = group_max @ w.view(out, -1, 64).sum(-1).T  # sum_g amax_g(x) * sum_{j in g} |w_j|
+    err = (y - int8_linear_reference(x, m)).abs()
+    assert bool((err <= 2**-15 * bound + 2**-20 * (x.abs() @ w.T) + 1e-6).all())
+    for rows in (1, 3, 4, 5, 17):  # token tiles of 4 and 1
+        assert torch.equal(kernel.int8_linear(x[:rows].contiguous(), m.q, m.scale), y[:rows])
+    assert torch.equal(kernel.int8_linear(x[7:8].contiguous(), m.q, m.scale), y[7:8])
+    assert torch.equal(int8_linear(x, m), y)  # the path int8_linear takes for few rows
+
+
+def test_c_rms_norm_matches_reference():
+    """The kernel library's one-call RMSNorm (double sum of squares) against the fp32 definition."""
+    from d2moe.models.layers import rms_norm_reference
+    from d2moe.quant.kernels import load_kernel
+
+    kernel = load_kernel()
+    if kernel is None:
+        pytest.skip("no C++ compiler")
+    g = torch.Generator().manual_seed(4)
+    for shape in ((1, 1, 576), (3, 5, 64), (2, 2048)):
+        x, w = torch.randn(*shape, generator=g) * 7, torch.randn(shape[-1], generator=g)
+        torch.testing.assert_close(kernel.rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5), rtol=2e-6, atol=1e-6)

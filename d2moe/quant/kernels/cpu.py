@@ -71,7 +71,10 @@ class CpuKernel:
         self.lib.mwq_decode.argtypes = [vp, i32, vp, i32]
         self.lib.mwq_experts_ffn.argtypes = [i32, vp, i32, vp, i64, vp, vp, vp, i32, i32]
         self.lib.mwq_invariant_tokens.argtypes = [vp, i32]
-        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_experts_ffn, self.lib.mwq_invariant_tokens):
+        self.lib.mwq_int8_linear.argtypes = [vp, vp, i64, i64, vp, i64, vp, i32]
+        self.lib.mwq_rms_norm.argtypes = [vp, vp, i64, i64, ctypes.c_float, vp]
+        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_experts_ffn, self.lib.mwq_invariant_tokens,
+                  self.lib.mwq_int8_linear, self.lib.mwq_rms_norm):
             f.restype = i32
         object.__setattr__(self, "_avx512", bool(self.lib.mwq_has_avx512()))  # asked once, not per expert
 
@@ -94,6 +97,24 @@ class CpuKernel:
         if rc:
             raise ValueError(f"{pm.name}: unsupported by the CPU kernel (code {rc})")
         return y
+
+    def int8_linear(self, x: Tensor, q: Tensor, scale: Tensor) -> Tensor | None:
+        """x [T, K] float32 (contiguous) @ (q * scale[:, None])^T -> [T, N] float32 for a per-row int8 matrix
+        (q int8 [N, K] contiguous, scale bfloat16 [N]), T <= 64; None where this build or shape has no kernel
+        (no AVX-512 VNNI, K % 64 != 0): the caller keeps torch's. Few-token decode only."""
+        N, K = q.shape
+        y = torch.empty(x.shape[0], N, dtype=torch.float32)
+        rc = self.lib.mwq_int8_linear(q.data_ptr(), scale.data_ptr(), N, K, x.data_ptr(), x.shape[0], y.data_ptr(),
+                                      torch.get_num_threads())
+        return None if rc else y
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """RMSNorm of contiguous fp32 x [..., H] with fp32 weight [H] in one call (the sum of squares in
+        double); `models.layers.rms_norm_reference` is the definition."""
+        out = torch.empty_like(x)
+        H = x.shape[-1]
+        self.lib.mwq_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // H, H, eps, out.data_ptr())
+        return out
 
     def invariant_tokens(self, pm: PackedMatrix, bits: int) -> int:
         """Most tokens per call that still give each token the bits it gets alone (see mwq_cpu.cpp)."""

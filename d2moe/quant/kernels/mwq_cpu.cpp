@@ -23,11 +23,12 @@
 // The AVX-512 kernels need group_size % 16 == 0 (masked int16: % 32, GFNI: % 64); the portable path % 8.
 //
 // Files: mwq_common.h (view, coefficients, int16 activations), mwq_float.h (float kernels), mwq_int16.h
-// (int16 kernels), this file (dispatch, threading, C API).
+// (int16 kernels), mwq_int8_dense.h (per-row int8 dense matrices), this file (dispatch, threading, C API).
 
 #include "mwq_common.h"
 #include "mwq_float.h"
 #include "mwq_int16.h"
+#include "mwq_int8_dense.h"
 
 namespace {
 
@@ -256,6 +257,50 @@ int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, 
                 for (int64_t t = 0; t < T; ++t) y[t * H + r] = (e ? y[t * H + r] : 0.f) + weights[e] * part[t];
             }
         }
+    }
+    return 0;
+}
+
+// y [T, N] = x [T, K] @ (q * scale[:, None])^T for a per-row int8 matrix (q int8 [N, K], scale bf16 [N]),
+// T <= 64. Returns 0, or -1 when this build or shape has no such kernel (the caller keeps torch's).
+int mwq_int8_linear(const int8_t* q, const uint16_t* scale, int64_t N, int64_t K, const float* x, int64_t T,
+                    float* y, int nthreads) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    if (K % 64 != 0 || T < 1 || T > 64) return -1;
+    QuantBuffers buf;
+    buf.fill(x, T, K, 64, 32767.f);
+    const QuantX qx = buf.view();
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < N; ++r) {
+        const int8_t* row = q + r * K;
+        const float s = bf16_to_float(scale[r]);
+        int64_t t = 0;
+        for (; T - t >= 4; t += 4) {
+            const QuantX xt{qx.x16 + t * K, qx.sx + t * (K / 64), qx.xs + t * (K / 64)};
+            int8_row_dot<4>(row, s, K, xt, y + t * N + r, N);
+        }
+        for (; t < T; ++t) {
+            const QuantX xt{qx.x16 + t * K, qx.sx + t * (K / 64), qx.xs + t * (K / 64)};
+            int8_row_dot<1>(row, s, K, xt, y + t * N + r, N);
+        }
+    }
+    return 0;
+#else
+    (void)q, (void)scale, (void)N, (void)K, (void)x, (void)T, (void)y, (void)nthreads;
+    return -1;
+#endif
+}
+
+// out [n, H] = x / sqrt(mean(x^2) + eps) * w, fp32 rows (RMSNorm): one call for a decode step's norm, where
+// torch's composite takes six ops. Each row is computed alone (batch invariant).
+int mwq_rms_norm(const float* x, const float* w, int64_t n, int64_t H, float eps, float* out) {
+    for (int64_t r = 0; r < n; ++r) {
+        const float* xr = x + r * H;
+        float* o = out + r * H;
+        double ss = 0.0;
+        for (int64_t j = 0; j < H; ++j) ss += (double)xr[j] * xr[j];
+        const float inv = (float)(1.0 / std::sqrt(ss / (double)H + (double)eps));
+        for (int64_t j = 0; j < H; ++j) o[j] = w[j] * (xr[j] * inv);
     }
     return 0;
 }
