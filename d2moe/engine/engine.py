@@ -13,7 +13,7 @@ from d2moe.engine.detok import Detokenizer
 from d2moe.engine.model import LoadedModel
 from d2moe.engine.request import EngineRequest, RequestOutput
 from d2moe.engine.runner import Runner
-from d2moe.models.ragged import KVPool, unsupported_features
+from d2moe.models.ragged import KVPool
 
 
 @dataclass
@@ -40,10 +40,6 @@ class EngineStats:
 class Engine:
     def __init__(self, model: LoadedModel, config: BatcherConfig, context: int,
                  padded_attention: bool = False) -> None:
-        missing = unsupported_features(model.config)
-        if missing:
-            raise ValueError(f"the batching engine (serve, chat) does not support this {model.config.family} model "
-                             f"yet ({', '.join(missing)}); use `d2moe run`")
         self.model = model
         self.tokenizer = model.require_tokenizer()
         self.context = min(context, model.config.max_position)

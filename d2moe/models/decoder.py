@@ -8,7 +8,7 @@ import torch
 
 from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import PREFETCH_MAX_TOKENS, ExpertProvider
-from d2moe.models.layers import KVCache, Rope, attention, embedding, linear, norm, swiglu
+from d2moe.models.layers import KVCache, Linear, Rope, attention, embedding, linear, norm, swiglu
 from d2moe.models.mla import mla_attention
 from d2moe.models.moe import WidthRule, chosen_widths, moe_block, one_token_widths, predict_demands, route_layer
 from d2moe.models.names import attention_names, top_names
@@ -76,10 +76,8 @@ class MoEDecoder:
         token_bits = bits if isinstance(bits, torch.Tensor) else torch.full((B, T), int(bits))
         flat_price = None if price is None else (
             price if isinstance(price, torch.Tensor) else torch.full((B, T), float(price))).reshape(-1)
-        h = embedding(tokens, w["embed"])  # the residual stream is fp32 whatever the storage
+        h = self.embed(tokens)
         warm = []  # prefill: (layer, the last token's demands), to warm the cache for the decode that follows
-        if cfg.embedding_multiplier != 1.0:
-            h = h * cfg.embedding_multiplier
         scale = cfg.residual_multiplier  # Granite scales each block's output before adding it
         for L in range(cfg.num_layers):
             p = f"layers.{L}."
@@ -123,5 +121,16 @@ class MoEDecoder:
         cache.length += T
         if last_only:
             h = h[:, -1:]
-        logits = linear(norm(h, w, "norm", cfg), self.lm_head, w.get("lm_head_b"))
+        return self.head(h)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [...] -> the residual stream [..., H], fp32 whatever the storage (scaled: Granite)."""
+        h = embedding(tokens, self.w["embed"])
+        return h if self.cfg.embedding_multiplier == 1.0 else h * self.cfg.embedding_multiplier
+
+    def head(self, h: torch.Tensor, lin: Linear = linear) -> torch.Tensor:
+        """The residual stream [..., H] -> logits [..., V]: final norm, lm_head (+ bias), logit scale. `lin`
+        computes the matrix (a batched step's row-invariant calls)."""
+        cfg = self.cfg
+        logits = lin(norm(h, self.w, "norm", cfg), self.lm_head, self.w.get("lm_head_b"))
         return logits if cfg.logit_scale == 1.0 else logits * cfg.logit_scale

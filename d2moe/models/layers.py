@@ -7,6 +7,7 @@ Dense matrices are float tensors or per-row int8 (`dense.Int8Matrix`); `linear` 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,10 @@ def linear(x: torch.Tensor, w: DenseWeight, b: torch.Tensor | None = None) -> to
     return y if b is None else y + b
 
 
+# x [..., in], a matrix and an optional bias -> [..., out] fp32: `linear`, or a batched step's row-invariant calls
+Linear = Callable[..., torch.Tensor]
+
+
 def embedding(tokens: torch.Tensor, w: DenseWeight) -> torch.Tensor:
     """tokens [B,T] -> rows of the embedding [B,T,H] in fp32 (the residual stream's dtype)."""
     if isinstance(w, Int8Matrix):
@@ -64,9 +69,10 @@ def embedding(tokens: torch.Tensor, w: DenseWeight) -> torch.Tensor:
     return F.embedding(tokens, w).float()
 
 
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """SwiGLU FFN: w2 @ (silu(w1 @ x) * (w3 @ x)); w1/w3 [I,H], w2 [H,I]."""
-    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+def swiglu(x: torch.Tensor, w1: DenseWeight, w3: DenseWeight, w2: DenseWeight, lin: Linear = linear) -> torch.Tensor:
+    """SwiGLU FFN: w2 @ (silu(w1 @ x) * (w3 @ x)); w1/w3 [I,H], w2 [H,I]. `lin` computes each matrix
+    (a batched step's row-invariant `StepPlan.linear`)."""
+    return lin(F.silu(lin(x, w1)) * lin(x, w3), w2)
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -149,6 +155,16 @@ class Rope:
         cos, sin = self.cos_h[start : start + T], self.sin_signed_h[start : start + T]  # [T, 1, D]
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
+    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`rotate` with a position per token: x [B, T, h, D], positions [T] (a batched step's rows belong
+        to several sequences); the tables are gathered, the arithmetic is `rotate`'s."""
+        cos, sin = self.cos_h[positions], self.sin_signed_h[positions]  # [T, 1, D]
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+    def rotate_from(self, x: torch.Tensor, at: int | torch.Tensor) -> torch.Tensor:
+        """`rotate` from position `at` (an int), or `rotate_at` positions `at` (a tensor)."""
+        return self.rotate(x, at) if isinstance(at, int) else self.rotate_at(x, at)
+
 
 def kv_cache_dims(cfg: ModelConfig) -> tuple[int, int, int]:
     """(heads, key dims, value dims) cached per position and layer. MLA caches its compressed latent
@@ -189,23 +205,24 @@ def causal_mask(T: int, start: int, window: int = 0, always: bool = False, chunk
     return mask
 
 
-def _position(q: torch.Tensor, k: torch.Tensor, cfg: ModelConfig, rope: Rope, start: int,
-              layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q [B,T,nH,D] and k [B,T,nKV,D]: all dims, or the leading rope_dim (GLM); then Llama 4's
-    weightless q/k norm. Llama 4's NoPE layers skip both and scale q by a temperature growing with the
-    position (arXiv 2501.19399)."""
+def positioned(q: torch.Tensor, k: torch.Tensor, cfg: ModelConfig, rope: Rope, at: int | torch.Tensor,
+               layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q [B,T,nH,D] and k [B,T,nKV,D] at positions `at` (the first, an int; or one per token, a
+    tensor [T]): all dims, or the leading rope_dim (GLM); then Llama 4's weightless q/k norm. Llama 4's NoPE
+    layers skip both and scale q by a temperature growing with the position (arXiv 2501.19399)."""
     if layer in cfg.nope_layers:
         if cfg.temperature_floor:
-            pos = torch.arange(start, start + q.shape[1], dtype=torch.float32)
+            pos = (torch.arange(at, at + q.shape[1], dtype=torch.float32) if isinstance(at, int)
+                   else at.to(torch.float32))
             scale = torch.log1p(torch.floor((pos + 1.0) / cfg.temperature_floor)) * cfg.temperature_scale + 1.0
             q = q * scale[:, None, None]  # [T, 1, 1]
         return q, k
     r = cfg.rope_dim
     if r < q.shape[-1]:  # partial rotary: rotate the leading dims of each head, pass the rest
-        q = torch.cat((rope.rotate(q[..., :r], start), q[..., r:]), dim=-1)
-        k = torch.cat((rope.rotate(k[..., :r], start), k[..., r:]), dim=-1)
+        q = torch.cat((rope.rotate_from(q[..., :r], at), q[..., r:]), dim=-1)
+        k = torch.cat((rope.rotate_from(k[..., :r], at), k[..., r:]), dim=-1)
     else:
-        q, k = rope.rotate(q, start), rope.rotate(k, start)
+        q, k = rope.rotate_from(q, at), rope.rotate_from(k, at)
     if cfg.qk_norm == "l2":
         q = F.rms_norm(q, (q.shape[-1],), eps=cfg.rms_norm_eps)
         k = F.rms_norm(k, (k.shape[-1],), eps=cfg.rms_norm_eps)
@@ -229,20 +246,48 @@ def attend_with_sinks(
     return probs @ v
 
 
-def _projections(
-    x: torch.Tensor, w: dict[str, DenseWeight], prefix: str, cfg: ModelConfig
+def qkv_heads(
+    x: torch.Tensor, w: dict[str, DenseWeight], prefix: str, cfg: ModelConfig, lin: Linear = linear
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [B,T,nH*D], k and v [B,T,nKV*D]: one matmul when the loader fused wq|wk|wv (`dense.fuse_qkv`)."""
+    """The row-wise part of attention: x [..., H] -> q [..., nH, D], k and v [..., nKV, D], q/k normed
+    (over all heads or per head) but not yet positioned. One matmul when the loader fused wq|wk|wv
+    (`dense.fuse_qkv`). `lin` computes each matrix (a batched step's row-invariant calls)."""
     nH, nKV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     fused = w.get(prefix + "wqkv")
     if fused is not None:
-        q, k, v = linear(x, fused, w.get(prefix + "bqkv")).split((nH * D, nKV * D, nKV * D), dim=-1)
-        return q, k, v
-    return (
-        linear(x, w[prefix + "wq"], w.get(prefix + "bq")),
-        linear(x, w[prefix + "wk"], w.get(prefix + "bk")),
-        linear(x, w[prefix + "wv"], w.get(prefix + "bv")),
-    )
+        q, k, v = lin(x, fused, w.get(prefix + "bqkv")).split((nH * D, nKV * D, nKV * D), dim=-1)
+    else:
+        q = lin(x, w[prefix + "wq"], w.get(prefix + "bq"))
+        k = lin(x, w[prefix + "wk"], w.get(prefix + "bk"))
+        v = lin(x, w[prefix + "wv"], w.get(prefix + "bv"))
+    if cfg.qk_norm == "full":
+        q = rms_norm(q, w[prefix + "q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, w[prefix + "k_norm"], cfg.rms_norm_eps)
+    lead = x.shape[:-1]
+    q, k, v = q.view(*lead, nH, D), k.view(*lead, nKV, D), v.view(*lead, nKV, D)
+    if cfg.qk_norm == "head":
+        q = rms_norm(q, w[prefix + "q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, w[prefix + "k_norm"], cfg.rms_norm_eps)
+    return q, k, v
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, w: dict[str, DenseWeight], prefix: str,
+           cfg: ModelConfig, start: int, layer: int) -> torch.Tensor:
+    """The per-sequence core of attention, after the new keys and values are cached: q [B,T,nH,D] (the
+    tokens at positions start.., positioned) against keys/values [B,nKV,start+T,D] with the layer's mask
+    (causal; sliding window or chunk) and softmax (SDPA, or with sinks) -> [B,T,nH*D]. The single-request
+    decoder calls it on its batch, a batched step once per sequence (models/ragged.py)."""
+    B, T, nH, _ = q.shape
+    window = cfg.sliding_window if layer in cfg.sliding_layers else 0
+    chunk = cfg.attention_chunk if layer in cfg.chunked_layers else 0
+    if cfg.attention_sinks:
+        out = attend_with_sinks(q.transpose(1, 2), keys, values, w[prefix + "sinks"], cfg.attn_scale,
+                                causal_mask(T, start, window, always=True, chunk=chunk))
+    else:
+        mask = causal_mask(T, start, window, chunk=chunk)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                             enable_gqa=nH != keys.shape[1], scale=cfg.softmax_scale or None)
+    return out.transpose(1, 2).reshape(B, T, -1)
 
 
 def attention(
@@ -258,7 +303,8 @@ def attention(
 
     A decode step runs this once per layer, so it is kept to few ops: q|k|v in one matmul when fused, q
     and k rotated together when no q/k norm sits between them, heads stay after tokens ([B,T,h,D]) and
-    SDPA reads the transposed views."""
+    SDPA reads the transposed views. The pieces (`qkv_heads`, `positioned`, `attend`) are the batched
+    step's too."""
     B, T, _ = x.shape
     nH, nKV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     start = cache.length
@@ -271,27 +317,10 @@ def attention(
         q, k = qk[:, :, :nH], qk[:, :, nH:]  # [B, T, nH, D], [B, T, nKV, D]
         v = qkv[..., (nH + nKV) * D :].view(B, T, nKV, D)
     else:
-        q, k, v = _projections(x, w, prefix, cfg)
-        if cfg.qk_norm == "full":
-            q = rms_norm(q, w[prefix + "q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, w[prefix + "k_norm"], cfg.rms_norm_eps)
-        q, k, v = q.view(B, T, nH, D), k.view(B, T, nKV, D), v.view(B, T, nKV, D)
-        if cfg.qk_norm == "head":
-            q = rms_norm(q, w[prefix + "q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, w[prefix + "k_norm"], cfg.rms_norm_eps)
-        q, k = _position(q, k, cfg, rope, start, layer)
+        q, k, v = qkv_heads(x, w, prefix, cfg)
+        q, k = positioned(q, k, cfg, rope, start, layer)
     cache.k[layer][:, :, start : start + T] = k.transpose(1, 2)
     cache.v[layer][:, :, start : start + T] = v.transpose(1, 2)
-    keys = cache.k[layer][:, :, : start + T]  # [B, nKV, S, D]
-    values = cache.v[layer][:, :, : start + T]
-    window = cfg.sliding_window if layer in cfg.sliding_layers else 0
-    chunk = cfg.attention_chunk if layer in cfg.chunked_layers else 0
-    if cfg.attention_sinks:
-        out = attend_with_sinks(q.transpose(1, 2), keys, values, w[prefix + "sinks"], cfg.attn_scale,
-                                causal_mask(T, start, window, always=True, chunk=chunk))
-    else:
-        mask = causal_mask(T, start, window, chunk=chunk)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                             enable_gqa=nH != nKV, scale=cfg.softmax_scale or None)
-    out = out.transpose(1, 2).reshape(B, T, nH * D)
+    out = attend(q, cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T], w, prefix, cfg, start,
+                 layer)
     return linear(out, w[prefix + "wo"], w.get(prefix + "bo"))

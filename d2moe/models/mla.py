@@ -25,21 +25,54 @@ import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
 from d2moe.models.dense import DenseWeight, Int8Matrix, dequantize_int8
-from d2moe.models.layers import KVCache, Rope, causal_mask, linear, rms_norm
+from d2moe.models.layers import KVCache, Linear, Rope, causal_mask, linear, rms_norm
 
 
-def _query(x: torch.Tensor, w: dict[str, DenseWeight], p: str, cfg: ModelConfig) -> torch.Tensor:
-    """x [B,T,H] -> q [B,T,nH*(dn+dr)]: full projection, or low rank with a norm between."""
+def _query(x: torch.Tensor, w: dict[str, DenseWeight], p: str, cfg: ModelConfig, lin: Linear) -> torch.Tensor:
+    """x [..., H] -> q [..., nH*(dn+dr)]: full projection, or low rank with a norm between."""
     if cfg.q_lora_rank:
-        q_a = rms_norm(linear(x, w[p + "wq_a"], w.get(p + "bq_a")), w[p + "q_a_norm"], cfg.rms_norm_eps)
-        return linear(q_a, w[p + "wq_b"])
-    return linear(x, w[p + "wq"])
+        q_a = rms_norm(lin(x, w[p + "wq_a"], w.get(p + "bq_a")), w[p + "q_a_norm"], cfg.rms_norm_eps)
+        return lin(q_a, w[p + "wq_b"])
+    return lin(x, w[p + "wq"])
 
 
-def _up_projection(w: DenseWeight, cfg: ModelConfig) -> torch.Tensor:
+def up_projection(w: DenseWeight, cfg: ModelConfig) -> torch.Tensor:
     """wkv_b [nH*(dn+dv), r] as [nH, dn+dv, r] (a view; int8 stores keep it float, see dense.wants_int8)."""
     m = dequantize_int8(w) if isinstance(w, Int8Matrix) else w
     return m.view(cfg.num_heads, cfg.head_dim - cfg.qk_rope_head_dim + cfg.value_dim, cfg.kv_lora_rank)
+
+
+def mla_rows(x: torch.Tensor, w: dict[str, DenseWeight], prefix: str, cfg: ModelConfig, rope: Rope,
+             at: int | torch.Tensor, lin: Linear = linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The row-wise part of MLA: x [B,T,H] at positions `at` (the first, or one per token, see
+    `layers.positioned`) -> q_nope [B,T,nH,dn], q_rope [B,T,nH,dr] (rotated) and the tokens' cache entries
+    c_kv | k_rope [B,T,r+dr]. `lin` computes each matrix (a batched step's row-invariant calls)."""
+    B, T, _ = x.shape
+    nH, r, dr = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    dn = cfg.head_dim - dr
+    q = _query(x, w, prefix, cfg, lin).view(B, T, nH, dn + dr)
+    q_nope, q_rope = q[..., :dn], rope.rotate_from(q[..., dn:], at)  # [B,T,nH,dn], [B,T,nH,dr]
+    kv = lin(x, w[prefix + "wkv_a"], w.get(prefix + "bkv_a"))  # [B, T, r + dr]
+    c_kv = rms_norm(kv[..., :r], w[prefix + "kv_a_norm"], cfg.rms_norm_eps)  # [B, T, r]
+    k_rope = rope.rotate_from(kv[..., r:].reshape(B, T, 1, dr), at)  # [B, T, 1, dr]
+    return q_nope, q_rope, torch.cat((c_kv, k_rope[:, :, 0]), dim=-1)
+
+
+def mla_attend(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, up: torch.Tensor,
+               cfg: ModelConfig, start: int) -> torch.Tensor:
+    """The per-sequence core of MLA, after the new latents are cached: the tokens at positions start..
+    (q_nope [B,T,nH,dn], q_rope [B,T,nH,dr]) against latent [B,1,start+T,r+dr], up = `up_projection`
+    -> heads' outputs [B,T,nH*dv] (before wo). The single-request decoder calls it on its batch, a batched
+    step once per sequence (models/ragged.py)."""
+    B, T, nH, dn = q_nope.shape
+    r = cfg.kv_lora_rank
+    q_lat = torch.einsum("bthd,hdr->bhtr", q_nope.to(up.dtype), up[:, :dn]).float()  # [B, nH, T, r]
+    query = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # [B, nH, T, r + dr]
+    mask = causal_mask(T, start)
+    out = F.scaled_dot_product_attention(query, latent, latent[..., :r], attn_mask=mask, scale=cfg.attn_scale,
+                                         enable_gqa=nH > 1)  # [B, nH, T, r]
+    heads = torch.einsum("bhtr,hvr->bthv", out.to(up.dtype), up[:, dn:]).float()  # [B, T, nH, dv]
+    return heads.reshape(B, T, nH * cfg.value_dim)
 
 
 def mla_attention(
@@ -52,27 +85,12 @@ def mla_attention(
     layer: int,
 ) -> torch.Tensor:
     """x [B,T,H] -> [B,T,H]; appends each token's latent c_kv | k_rope to `cache` (one head, r + dr dims)."""
-    B, T, _ = x.shape
-    nH, r, dr, dv = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.value_dim
-    dn = cfg.head_dim - dr
+    T = x.shape[1]
     start = cache.length
     if start + T > cache.max_len:
         raise ValueError(f"sequence of {start + T} tokens exceeds the KV cache ({cache.max_len})")
-    q = _query(x, w, prefix, cfg).view(B, T, nH, dn + dr)
-    q_nope, q_rope = q[..., :dn], rope.rotate(q[..., dn:], start)  # [B,T,nH,dn], [B,T,nH,dr]
-    kv = linear(x, w[prefix + "wkv_a"], w.get(prefix + "bkv_a"))  # [B, T, r + dr]
-    c_kv = rms_norm(kv[..., :r], w[prefix + "kv_a_norm"], cfg.rms_norm_eps)  # [B, T, r]
-    k_rope = rope.rotate(kv[..., r:].reshape(B, T, 1, dr), start)  # [B, T, 1, dr]
-    slot = cache.k[layer][:, 0, start : start + T]  # [B, T, r + dr]
-    slot[..., :r] = c_kv
-    slot[..., r:] = k_rope[:, :, 0]
-    latent = cache.k[layer][:, :, : start + T]  # [B, 1, S, r + dr]
-
-    up = _up_projection(w[prefix + "wkv_b"], cfg)  # [nH, dn + dv, r]
-    q_lat = torch.einsum("bthd,hdr->bhtr", q_nope.to(up.dtype), up[:, :dn]).float()  # [B, nH, T, r]
-    query = torch.cat((q_lat, q_rope.transpose(1, 2)), dim=-1)  # [B, nH, T, r + dr]
-    mask = causal_mask(T, start)
-    out = F.scaled_dot_product_attention(query, latent, latent[..., :r], attn_mask=mask, scale=cfg.attn_scale,
-                                         enable_gqa=nH > 1)  # [B, nH, T, r]
-    heads = torch.einsum("bhtr,hvr->bthv", out.to(up.dtype), up[:, dn:]).float()  # [B, T, nH, dv]
-    return linear(heads.reshape(B, T, nH * dv), w[prefix + "wo"], w.get(prefix + "bo"))
+    q_nope, q_rope, entries = mla_rows(x, w, prefix, cfg, rope, start)
+    cache.k[layer][:, 0, start : start + T] = entries
+    heads = mla_attend(q_nope, q_rope, cache.k[layer][:, :, : start + T], up_projection(w[prefix + "wkv_b"], cfg),
+                       cfg, start)
+    return linear(heads, w[prefix + "wo"], w.get(prefix + "bo"))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import ExpertFn, ExpertProvider, weighted_sum
-from d2moe.models.layers import clamped_swiglu, linear, swiglu
+from d2moe.models.layers import Linear, clamped_swiglu, linear, swiglu
 from d2moe.models.widths import request_widths
 
 
@@ -130,32 +130,64 @@ def weighted_expert(e: int, fn: ExpertFn, x: torch.Tensor, weight: torch.Tensor,
 WidthRule = Callable[[int, torch.Tensor, Routing, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def _many_tokens(
+def grouped_experts(
     xf: torch.Tensor, routing: Routing, bits: torch.Tensor, layer: int, cfg: ModelConfig, provider: ExpertProvider,
-    runner: ExpertRunner | None = None,
+    runner: ExpertRunner | None = None, decode_rows: int = 0, chunk_starts: list[int] | None = None,
 ) -> torch.Tensor:
     """Group the T*k (token, expert, bits) triples by (expert, bits); each expert runs once on its tokens.
-    bits [T,k] per chosen expert (0: skipped)."""
-    flat_expert = routing.idx.reshape(-1)
-    flat_bits = bits.reshape(-1)
-    flat_weight = routing.weight.reshape(-1)
-    flat_token = torch.arange(xf.shape[0]).repeat_interleave(cfg.top_k)
-    keys = flat_expert * 16 + flat_bits  # one key per (expert, bits) pair
-    unique_keys, counts = torch.unique(keys[flat_bits > 0], return_counts=True)
-    demands = [(k // 16, k % 16, n) for k, n in zip(unique_keys.tolist(), counts.tolist())]
+    bits [T,k] per chosen expert (0: skipped).
 
-    # Experts are computed as they become ready (overlapping the loads still running); their outputs are
-    # summed afterwards in (expert, bits) order, so the result does not depend on arrival order.
+    Experts are computed as they become ready (overlapping the loads still running); their outputs are
+    summed afterwards in (expert, bits) order, so the result does not depend on arrival order. For a batched
+    step's rows (models/ragged.py), each token keeps the bits it gets alone: the first `decode_rows` rows
+    (one decode token of a sequence each) run in pieces of at most the expert's `invariant_tokens`, each
+    prefill chunk (its first row in `chunk_starts`) whole; without `chunk_starts`, all tokens in one call."""
+    T, k = routing.idx.shape
+    keys = (routing.idx * 16 + bits).reshape(-1)  # [T*k] one key per (expert, bits); bits 0: skipped
+    order = torch.argsort(keys, stable=True)  # grouped by key, tokens ascending inside a group
+    unique_keys, counts = torch.unique_consecutive(keys[order], return_counts=True)
+    groups: dict[int, torch.Tensor] = {}  # key -> flat (token, rank) indices choosing it
+    start = 0
+    for key, n in zip(unique_keys.tolist(), counts.tolist()):
+        groups[key] = order[start : start + n]
+        start += n
+    demands = [(key // 16, key % 16, len(sel)) for key, sel in groups.items() if key % 16]
+    flat_weight = routing.weight.reshape(-1)
+    bounds = None if chunk_starts is None else torch.tensor([*chunk_starts, T])
     parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for batch in provider.experts(layer, demands):
         for expert, b, fn in batch:
             key = expert * 16 + b
-            sel = (keys == key).nonzero().squeeze(1)
-            tokens = flat_token[sel]
-            parts.append((key, tokens, weighted_expert(expert, fn, xf[tokens], flat_weight[sel, None], runner, cfg)))
+            sel = groups[key]
+            tokens = torch.div(sel, k, rounding_mode="floor")  # ascending
+            if bounds is None:
+                spans = [(0, len(sel))]
+            else:
+                cuts = torch.searchsorted(tokens, bounds).tolist()  # decode rows end at cuts[0]
+                piece = getattr(fn, "invariant_tokens", 1)
+                spans = [(a, min(a + piece, cuts[0])) for a in range(0, cuts[0], piece)]
+                spans += [(a, e) for a, e in zip(cuts, cuts[1:]) if e > a]
+            for a, e in spans:
+                t = tokens[a:e]
+                parts.append((key, t, weighted_expert(expert, fn, xf[t], flat_weight[sel[a:e], None], runner, cfg)))
     out = torch.zeros_like(xf)
-    for _, tokens, y in sorted(parts, key=lambda p: p[0]):
-        out.index_add_(0, tokens, y)
+    for _, t, y in sorted(parts, key=lambda p: p[0]):  # stable: pieces of one key keep their order
+        out.index_add_(0, t, y)
+    return out
+
+
+def add_dense_parts(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: dict[str, torch.Tensor], prefix: str,
+                    cfg: ModelConfig, lin: Linear = linear) -> torch.Tensor:
+    """The routed experts' `out` [T,H] plus what every token gets: the shared expert (sigmoid-gated: Qwen2)
+    and the learned vectors of the experts a token did not choose (idx [T,k] chosen). `lin` computes each
+    matrix (a batched step's row-invariant calls)."""
+    if cfg.shared_expert_intermediate:
+        shared = swiglu(x, w[prefix + "shared.w1"], w[prefix + "shared.w3"], w[prefix + "shared.w2"], lin)
+        if cfg.shared_expert_gate:
+            shared = torch.sigmoid(lin(x, w[prefix + "shared_gate"])) * shared
+        out = out + shared
+    if cfg.absent_expert_bias:  # fp32 [E, H] and its sum over experts, made once by the decoder
+        out = out + (w[prefix + "absent_total"] - w[prefix + "absent_bias"][idx].sum(1))
     return out
 
 
@@ -237,12 +269,5 @@ def moe_block(
         bits_tk = chosen_widths(layer, x, routing, token_bits, price, widths)
         if width_hist is not None:
             width_hist += torch.bincount(bits_tk.reshape(-1), minlength=width_hist.numel())
-        out = _many_tokens(x.float(), routing, bits_tk, layer, cfg, provider, expert_runner(w, prefix, cfg))
-    if cfg.shared_expert_intermediate:
-        shared = swiglu(x, w[prefix + "shared.w1"], w[prefix + "shared.w3"], w[prefix + "shared.w2"])
-        if cfg.shared_expert_gate:
-            shared = torch.sigmoid(linear(x, w[prefix + "shared_gate"])) * shared
-        out = out + shared
-    if cfg.absent_expert_bias:  # fp32 [E, H] and its sum over experts, made once by the decoder
-        out = out + (w[prefix + "absent_total"] - w[prefix + "absent_bias"][routing.idx].sum(1))
-    return out.to(x.dtype)
+        out = grouped_experts(x.float(), routing, bits_tk, layer, cfg, provider, expert_runner(w, prefix, cfg))
+    return add_dense_parts(out, x, routing.idx, w, prefix, cfg).to(x.dtype)

@@ -5,6 +5,13 @@ sequence (the "decode block"), then whole prefill chunks. Dense matrices and eve
 together (an expert loaded once serves every token that chose it); attention runs per sequence against its
 own KV slot (`KVPool`, per-slot lengths).
 
+Every family the single-request decoder runs, runs here from the same building blocks: the row-wise parts
+(`layers.qkv_heads`, `layers.positioned`, `mla.mla_rows`, `layers.norm`, `layers.swiglu`, the decoder's
+`embed` and `head`) take all rows at once with each matrix through `StepPlan.linear`; the per-sequence cores
+(`layers.attend`: masks, windows, chunks, sinks, scale; `mla.mla_attend`) run once per sequence with
+exactly the shapes that sequence has alone; the MoE block shares `moe.route_layer`, `moe.grouped_experts`
+(expert runners, input-weighted experts) and `moe.add_dense_parts` (shared and absent experts).
+
 Batching invariance: a sequence's tokens must come out bit-identical whatever else shares the step. CPU
 kernels are row-invariant only within limits, measured here (2 cores, AVX-512, torch 2.13):
 - fp16 / bf16 `F.linear`: the same bits for a row at any row count;
@@ -15,11 +22,16 @@ kernels are row-invariant only within limits, measured here (2 cores, AVX-512, t
 So each prefill chunk is always computed as its own call (its chunks are the same alone or batched: fixed
 boundaries at multiples of the chunk size), and the decode block is split into calls of at most the
 invariant row count of each matrix (one row at a time for fp32, e.g. routers). `tests/unit/test_ragged.py`
-checks every piece against running each sequence alone.
+checks every piece against running each sequence alone, for every family.
+
+Against the single-request decoder (`MoEDecoder.forward` on one sequence, prefilled in the same chunks) a
+step agrees to float rounding, not bit for bit: a lone decode token there sums its experts in one kernel
+call in routing order (`moe._one_token`), here in (expert, width) order with the other rows' tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,31 +41,30 @@ from d2moe.config import ModelConfig
 from d2moe.models.decoder import MoEDecoder
 from d2moe.models.dense import KERNEL_MAX_TOKENS, DenseWeight, Int8Matrix
 from d2moe.models.expert_provider import ExpertProvider
-from d2moe.models.layers import embedding, linear, rms_norm
-from d2moe.models.moe import Routing, WidthRule, chosen_widths, predict_demands, route
+from d2moe.models.layers import (
+    attend,
+    causal_mask,
+    kv_cache_dims,
+    linear,
+    norm,
+    positioned,
+    qkv_heads,
+    swiglu,
+)
+from d2moe.models.mla import mla_attend, mla_rows, up_projection
+from d2moe.models.moe import (
+    Routing,
+    WidthRule,
+    add_dense_parts,
+    chosen_widths,
+    expert_runner,
+    grouped_experts,
+    predict_demands,
+    route_layer,
+)
 
 UNBOUNDED = 1 << 30
 PREFETCH_MAX_ROWS = 8  # decode-only steps up to this many sequences predict the next layer's experts
-
-
-# Model features the batched step does not implement yet, as (config field, the value that means "off"):
-# read with getattr so a config without the field (older families) passes. A store that needs one is refused
-# by the serving engine with a clear error instead of being served wrong.
-_PLAIN = (("attention", "gqa"), ("rope_scaling", None), ("rotary_dim", 0), ("softmax_scale", 0.0),
-          ("attention_sinks", False), ("sliding_window", 0), ("attention_chunk", 0), ("nope_layers", ()),
-          ("temperature_floor", 0), ("norm", "rms"), ("embedding_multiplier", 1.0), ("residual_multiplier", 1.0),
-          ("logit_scale", 1.0), ("lm_head_bias", False), ("router_bias", False), ("expert_groups", 1),
-          ("topk_groups", 1), ("routed_scaling_factor", 1.0), ("expert_input_weighted", False),
-          ("router_linear_bias", False), ("expert_act", "swiglu"), ("expert_bias", False))
-_ROUTER_SCORING = ("softmax", "linear")
-
-
-def unsupported_features(cfg: ModelConfig) -> list[str]:
-    """The config's features the batched step cannot run (empty: it runs this model exactly)."""
-    out = [f"{name}={getattr(cfg, name)!r}" for name, plain in _PLAIN if getattr(cfg, name, plain) != plain]
-    if cfg.router_scoring not in _ROUTER_SCORING:
-        out.append(f"router_scoring={cfg.router_scoring!r}")
-    return out
 
 
 def invariant_rows(w: DenseWeight) -> int:
@@ -115,11 +126,11 @@ class StepPlan:
         return out
 
     def linear(self, x: torch.Tensor, w: DenseWeight, b: torch.Tensor | None = None) -> torch.Tensor:
-        """`layers.linear` over the rows, in row-invariant calls. x [N, in] -> [N, out]."""
+        """`layers.linear` over the rows, in row-invariant calls. x [..., N, in] -> [..., N, out]."""
         blocks = self.blocks(invariant_rows(w))
         if len(blocks) == 1:
             return linear(x, w, b)
-        return torch.cat([linear(x[a:e], w, b) for a, e in blocks])
+        return torch.cat([linear(x[..., a:e, :], w, b) for a, e in blocks], dim=-2)
 
     def select(self, rows: list[tuple[int, int]]) -> StepPlan:
         """The plan of a subset of rows (whole decode rows, or a tail of each prefill chunk): for the head."""
@@ -132,22 +143,24 @@ class StepPlan:
 
 
 class KVPool:
-    """Static key/value buffers for `slots` sequences, each slot with its own length.
+    """Static key/value buffers for `slots` sequences, each slot with its own length; the layout of the
+    single-request KVCache (`layers.kv_cache_dims`: MLA caches its latent as one head and no values).
 
     fp32 like the single-request KVCache; memory is reserved for slots x max_len positions, but pages are
     only touched as sequences fill them (torch.zeros maps fresh pages lazily)."""
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
-        shape = (slots, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        heads, k_dim, v_dim = kv_cache_dims(cfg)
+        self.k = [torch.zeros((slots, heads, max_len, k_dim), dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros((slots, heads, max_len, v_dim), dtype=dtype) for _ in range(cfg.num_layers)]
         self.slots, self.max_len = slots, max_len
         self.lengths = [0] * slots
         self._free = list(range(slots - 1, -1, -1))
 
     @staticmethod
     def nbytes_for(cfg: ModelConfig, slots: int, max_len: int) -> int:
-        return 2 * cfg.num_layers * slots * cfg.num_kv_heads * max_len * cfg.head_dim * 4
+        heads, k_dim, v_dim = kv_cache_dims(cfg)
+        return cfg.num_layers * slots * heads * max_len * (k_dim + v_dim) * 4
 
     @property
     def free_slots(self) -> int:
@@ -168,88 +181,101 @@ class KVPool:
         self._free.append(slot)
 
 
-def _rope_rows(rope, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """`Rope.rotate` with a position per row: x [N, h, D]."""
-    cos, sin = rope.cos_h[positions], rope.sin_signed_h[positions]  # [N, 1, D]
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+# (q [1,T,nH,D] of one sequence's tokens at positions start.., its keys and values [1,nKV,start+T,D], start)
+# -> [1,T,nH*D]: a layer's per-sequence attention core (`layers.attend` with the model's masks and softmax)
+Core = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def _mask(start: int, T: int) -> torch.Tensor | None:
-    """Causal over the new tokens, full view of the cached prefix (as layers.attention)."""
-    return None if T == 1 else torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start)
+def _plain_core(qs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal SDPA at the default scale (a plain model's `layers.attend`)."""
+    o = F.scaled_dot_product_attention(qs.transpose(1, 2), keys, values, attn_mask=causal_mask(qs.shape[1], start),
+                                       enable_gqa=qs.shape[2] != keys.shape[1])
+    return o.transpose(1, 2).reshape(1, qs.shape[1], -1)
 
 
-def attend_per_sequence(q: torch.Tensor, pool: KVPool, layer: int, plan: StepPlan, gqa: bool) -> torch.Tensor:
-    """Reference (and default) attention core: one SDPA per segment over its own slot. q [N, nH, D] ->
-    [N, nH, D]. Each sequence sees exactly the shapes it sees alone."""
+def attend_per_sequence(q: torch.Tensor, pool: KVPool, layer: int, plan: StepPlan, gqa: bool = True,
+                        core: Core | None = None) -> torch.Tensor:
+    """Reference (and default) attention core: one `core` call per segment over its own slot (default: plain
+    causal SDPA; `gqa` is read from the shapes). q [N, nH, D] -> [N, nH*D]. Each sequence sees exactly the
+    shapes it sees alone."""
+    core = core or _plain_core
     outs = []
     for s in plan.segments:
         S = s.start + s.length
-        qs = q[s.row : s.row + s.length].transpose(0, 1)[None]  # [1, nH, T, D]
         keys, values = pool.k[layer][s.slot : s.slot + 1, :, :S], pool.v[layer][s.slot : s.slot + 1, :, :S]
-        o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=_mask(s.start, s.length), enable_gqa=gqa)
-        outs.append(o[0].transpose(0, 1))  # [T, nH, D]
+        outs.append(core(q[None, s.row : s.row + s.length], keys, values, s.start)[0])
     return torch.cat(outs)
 
 
-def attend_decode_padded(q: torch.Tensor, pool: KVPool, layer: int, plan: StepPlan, gqa: bool) -> torch.Tensor:
-    """Fast-path candidate: every decode row in one SDPA over keys padded to the longest slot (a boolean
-    mask hides the padding); prefill segments as in the reference. Not batch-invariant (the padded length
-    changes the kernel's blocking), hence not the default; see benchmarks/ragged_attention.py."""
+def attend_decode_padded(q: torch.Tensor, pool: KVPool, layer: int, plan: StepPlan, gqa: bool = True,
+                         core: Core | None = None, scale: float | None = None) -> torch.Tensor:
+    """Fast-path candidate for layers whose decode attention is plain (no sinks, window or chunk): every
+    decode row in one SDPA over keys padded to the longest slot (a boolean mask hides the padding); prefill
+    segments as in the reference. Not batch-invariant (the padded length changes the kernel's blocking),
+    hence not the default; see benchmarks/batching.py. Returns what `attend_per_sequence` returns."""
     d = plan.decode_rows
     if d <= 1:
-        return attend_per_sequence(q, pool, layer, plan, gqa)
+        return attend_per_sequence(q, pool, layer, plan, gqa, core)
     dec = plan.segments[:d]
     slots = torch.tensor([s.slot for s in dec])
     lengths = torch.tensor([s.start + 1 for s in dec])
     S = int(lengths.max())
     keys, values = pool.k[layer][slots, :, :S], pool.v[layer][slots, :, :S]  # [d, nKV, S, D] (gathered copies)
     mask = (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :]  # [d, 1, 1, S]
-    o = F.scaled_dot_product_attention(q[:d, :, None], keys, values, attn_mask=mask, enable_gqa=gqa)  # [d,nH,1,D]
+    o = F.scaled_dot_product_attention(q[:d, :, None], keys, values, attn_mask=mask, scale=scale,
+                                       enable_gqa=q.shape[1] != keys.shape[1])  # [d, nH, 1, D]
     rest = StepPlan(tuple(Segment(s.slot, s.start, s.row - d, s.length, False) for s in plan.segments[d:]))
-    parts = [o[:, :, 0]]
+    parts = [o[:, :, 0].reshape(d, -1)]
     if rest.segments:
-        parts.append(attend_per_sequence(q[d:], pool, layer, rest, gqa))
+        parts.append(attend_per_sequence(q[d:], pool, layer, rest, gqa, core))
     return torch.cat(parts)
 
 
 def ragged_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, rope, pool: KVPool, layer: int,
                      plan: StepPlan, positions: torch.Tensor, slots: torch.Tensor,
                      padded: bool = False) -> torch.Tensor:
-    """`layers.attention` for a step's rows: projections over all rows, k/v written to each row's slot and
-    position, attention per sequence. x [N, H] -> [N, H]."""
-    N = x.shape[0]
-    nH, nKV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    fused = w.get(prefix + "wqkv")
-    if fused is not None:
-        q, k, v = plan.linear(x, fused, w.get(prefix + "bqkv")).split((nH * D, nKV * D, nKV * D), dim=-1)
+    """`layers.attention` for a step's rows: projections and positions over all rows, k/v written to each
+    row's slot and position, the core (`layers.attend`) per sequence. x [1, N, H] -> [1, N, H]."""
+    q, k, v = qkv_heads(x, w, prefix, cfg, plan.linear)  # [1, N, h, D]
+    q, k = positioned(q, k, cfg, rope, positions, layer)
+    pool.k[layer][slots, :, positions] = k[0]  # [N, nKV, D] into (slot, :, position)
+    pool.v[layer][slots, :, positions] = v[0]
+
+    def core(qs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+        return attend(qs, keys, values, w, prefix, cfg, start, layer)
+
+    plain_decode = not (cfg.attention_sinks or layer in cfg.sliding_layers or layer in cfg.chunked_layers)
+    if padded and plain_decode:
+        out = attend_decode_padded(q[0], pool, layer, plan, core=core, scale=cfg.softmax_scale or None)
     else:
-        q = plan.linear(x, w[prefix + "wq"], w.get(prefix + "bq"))
-        k = plan.linear(x, w[prefix + "wk"], w.get(prefix + "bk"))
-        v = plan.linear(x, w[prefix + "wv"], w.get(prefix + "bv"))
-    if cfg.qk_norm == "full":
-        q = rms_norm(q, w[prefix + "q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, w[prefix + "k_norm"], cfg.rms_norm_eps)
-    q, k, v = q.reshape(N, nH, D), k.reshape(N, nKV, D), v.reshape(N, nKV, D)
-    if cfg.qk_norm == "head":
-        q = rms_norm(q, w[prefix + "q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, w[prefix + "k_norm"], cfg.rms_norm_eps)
-    q, k = _rope_rows(rope, q, positions), _rope_rows(rope, k, positions)
-    pool.k[layer][slots, :, positions] = k  # [N, nKV, D] into (slot, :, position)
-    pool.v[layer][slots, :, positions] = v
-    attend = attend_decode_padded if padded else attend_per_sequence
-    out = attend(q, pool, layer, plan, nH != nKV)  # [N, nH, D]
-    return plan.linear(out.reshape(N, nH * D), w[prefix + "wo"])
+        out = attend_per_sequence(q[0], pool, layer, plan, core=core)
+    return plan.linear(out[None], w[prefix + "wo"], w.get(prefix + "bo"))
+
+
+def ragged_mla_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, rope, pool: KVPool, layer: int,
+                         plan: StepPlan, positions: torch.Tensor, slots: torch.Tensor,
+                         padded: bool = False) -> torch.Tensor:
+    """`mla.mla_attention` for a step's rows: projections over all rows, each row's latent written to its
+    slot and position, the core (`mla.mla_attend`: absorbed query, SDPA over the latent, value up-projection)
+    per sequence. x [1, N, H] -> [1, N, H]. `padded` does not apply (no plain per-head keys)."""
+    q_nope, q_rope, entries = mla_rows(x, w, prefix, cfg, rope, positions, plan.linear)
+    pool.k[layer][slots, 0, positions] = entries[0]  # [N, r + dr]
+    up = up_projection(w[prefix + "wkv_b"], cfg)
+    outs = []
+    for s in plan.segments:
+        rows, latent = slice(s.row, s.row + s.length), pool.k[layer][s.slot : s.slot + 1, :, : s.start + s.length]
+        outs.append(mla_attend(q_nope[:, rows], q_rope[:, rows], latent, up, cfg, s.start))
+    return plan.linear(torch.cat(outs, dim=1), w[prefix + "wo"], w.get(prefix + "bo"))
 
 
 def _route_rows(x: torch.Tensor, w: dict, prefix: str, layer: int, cfg: ModelConfig, plan: StepPlan,
                 token_bits: torch.Tensor, price: torch.Tensor | None,
                 widths: WidthRule | None) -> tuple[Routing, torch.Tensor]:
-    """Router one and the width rule per row-invariant block (routers are fp32: a decode row at a time)."""
-    router = w[prefix + "router"]
+    """`moe.route_layer` and the width rule per row-invariant block (routers are fp32: a decode row at a
+    time)."""
     idx, weight, bits = [], [], []
-    for a, e in plan.blocks(invariant_rows(router)):
-        r = route(x[a:e], router, cfg)
+    for a, e in plan.blocks(invariant_rows(w[prefix + "router"])):
+        r = route_layer(x[a:e], w, prefix, cfg)
         bits.append(chosen_widths(layer, x[a:e], r, token_bits[a:e], None if price is None else price[a:e], widths))
         idx.append(r.idx)
         weight.append(r.weight)
@@ -260,53 +286,17 @@ def ragged_moe(x: torch.Tensor, w: dict, prefix: str, layer: int, cfg: ModelConf
                plan: StepPlan, token_bits: torch.Tensor, price: torch.Tensor | None, widths: WidthRule | None,
                width_hist: torch.Tensor | None, row_hist: torch.Tensor | None = None) -> torch.Tensor:
     """`moe.moe_block` for a step's rows: one demand set and one pass over the provider for every row; each
-    (expert, width) runs on its decode rows in invariant pieces and on each prefill chunk's rows whole; a
-    row's expert outputs are summed in (expert, width) order. x [N, H] -> [N, H]."""
+    (expert, width) runs on its decode rows in invariant pieces and on each prefill chunk's rows whole
+    (`moe.grouped_experts`); a row's expert outputs are summed in (expert, width) order. x [N, H] -> [N, H]."""
     routing, bits_tk = _route_rows(x, w, prefix, layer, cfg, plan, token_bits, price, widths)
     if width_hist is not None:
         width_hist += torch.bincount(bits_tk.reshape(-1), minlength=width_hist.numel())
     if row_hist is not None:  # [N, 16] per row: chosen experts at each width (0: skipped)
         row_hist.scatter_add_(1, bits_tk, torch.ones_like(bits_tk))
-    xf = x.float()
-    N, k = routing.idx.shape
-    keys = (routing.idx * 16 + bits_tk).reshape(-1)  # [N*k] one key per (expert, width); width 0: skipped
-    order = torch.argsort(keys, stable=True)  # grouped by key, rows ascending inside a group
-    unique_keys, counts = torch.unique_consecutive(keys[order], return_counts=True)
-    groups_of: dict[int, torch.Tensor] = {}  # key -> flat (row, rank) indices choosing it
-    start = 0
-    for key, n in zip(unique_keys.tolist(), counts.tolist()):
-        groups_of[key] = order[start : start + n]
-        start += n
-    demands = [(key // 16, key % 16, len(sel)) for key, sel in groups_of.items() if key % 16]
-    flat_weight = routing.weight.reshape(-1)
     d = plan.decode_rows
-    chunk_starts = torch.tensor([s.row for s in plan.segments[d:]] + [N])  # prefill chunks' first rows, end
-    parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-    for batch in provider.experts(layer, demands):
-        for expert, b, fn in batch:
-            key = expert * 16 + b
-            sel = groups_of[key]
-            rows = torch.div(sel, k, rounding_mode="floor")  # ascending
-            # decode rows in pieces the kernel computes as it would alone; each prefill chunk whole
-            cuts = torch.searchsorted(rows, chunk_starts).tolist()
-            piece = getattr(fn, "invariant_tokens", 1)
-            spans = [(a, min(a + piece, cuts[0])) for a in range(0, cuts[0], piece)]
-            spans += [(a, e) for a, e in zip(cuts, cuts[1:]) if e > a]
-            for a, e in spans:
-                t = rows[a:e]
-                parts.append((key, t, fn(xf[t]) * flat_weight[sel[a:e], None]))
-    out = torch.zeros_like(xf)
-    for _, t, y in sorted(parts, key=lambda p: p[0]):  # stable: pieces of one key keep their order
-        out.index_add_(0, t, y)
-    if cfg.shared_expert_intermediate:
-        h = F.silu(plan.linear(x, w[prefix + "shared.w1"])) * plan.linear(x, w[prefix + "shared.w3"])
-        shared = plan.linear(h, w[prefix + "shared.w2"])
-        if cfg.shared_expert_gate:
-            shared = torch.sigmoid(plan.linear(x, w[prefix + "shared_gate"])) * shared
-        out = out + shared
-    if cfg.absent_expert_bias:  # fp32 [E, H] and its sum over experts, made once by the decoder
-        out = out + (w[prefix + "absent_total"] - w[prefix + "absent_bias"][routing.idx].sum(1))
-    return out.to(x.dtype)
+    out = grouped_experts(x.float(), routing, bits_tk, layer, cfg, provider, expert_runner(w, prefix, cfg), d,
+                          [s.row for s in plan.segments[d:]])
+    return add_dense_parts(out, x, routing.idx, w, prefix, cfg, plan.linear).to(x.dtype)
 
 
 @torch.inference_mode()
@@ -315,36 +305,41 @@ def ragged_forward(decoder: MoEDecoder, tokens: torch.Tensor, plan: StepPlan, po
                    padded_attention: bool = False, row_hist: torch.Tensor | None = None) -> torch.Tensor:
     """tokens [N] (rows as `plan` lays them out), token_bits [N], price [N] (NaN: fixed width) or None ->
     logits [M, V] for the rows in `logit_rows` (one (first, end) range per segment, in order). Advances the
-    slots' lengths in `pool`. `row_hist` [N, 16], if given, counts each row's experts per width."""
+    slots' lengths in `pool`. `row_hist` [N, 16], if given, counts each row's experts per width.
+    The layer loop is `MoEDecoder.run`'s with B = 1 and T = N rows."""
     cfg, w = decoder.cfg, decoder.w
     N = tokens.shape[0]
     positions, slots = plan.positions(), plan.slots()
     if int(positions.max()) >= pool.max_len:
         raise ValueError(f"a sequence exceeds the KV cache ({pool.max_len} positions)")
-    h = embedding(tokens[None], w["embed"])[0]  # [N, H] fp32
+    attention = ragged_mla_attention if cfg.attention == "mla" else ragged_attention
+    h = decoder.embed(tokens[None])  # [1, N, H] fp32
+    scale = cfg.residual_multiplier  # Granite scales each block's output before adding it
     prefetch = decoder.prefetch and plan.decode_rows == N <= PREFETCH_MAX_ROWS
     for L in range(cfg.num_layers):
         p = f"layers.{L}."
-        xa = rms_norm(h, w[p + "attn_norm"], cfg.rms_norm_eps)
-        h = h + ragged_attention(xa, w, p, cfg, decoder.rope, pool, L, plan, positions, slots, padded_attention)
-        x = rms_norm(h, w[p + "ffn_norm"], cfg.rms_norm_eps)
+        a = attention(norm(h, w, p + "attn_norm", cfg), w, p, cfg, decoder.rope, pool, L, plan, positions, slots,
+                      padded_attention)
+        h = h + (a if scale == 1.0 else a * scale)
+        x = norm(h, w, p + "ffn_norm", cfg)
         if L in cfg.dense_layers:
-            h = h + plan.linear(F.silu(plan.linear(x, w[p + "ffn.w1"])) * plan.linear(x, w[p + "ffn.w3"]),
-                                w[p + "ffn.w2"])
+            y = swiglu(x, w[p + "ffn.w1"], w[p + "ffn.w3"], w[p + "ffn.w2"], plan.linear)
+            h = h + (y if scale == 1.0 else y * scale)
             continue
         nxt = decoder.next_moe.get(L)
         if prefetch and nxt is not None and decoder.provider.wants_prefetch(nxt, int(token_bits.max())):
             # I/O only (never changes a result): the next MoE layer's router on this residual stream
-            guess_x = rms_norm(h, w[f"layers.{nxt}.ffn_norm"], cfg.rms_norm_eps)
-            guess = route(guess_x, w[f"layers.{nxt}.router"], cfg)
+            q = f"layers.{nxt}."
+            guess_x = norm(h, w, q + "ffn_norm", cfg)[0]
+            guess = route_layer(guess_x, w, q, cfg)
             bits_tk = chosen_widths(nxt, guess_x, guess, token_bits, price, decoder.widths)
             decoder.provider.prefetch(nxt, predict_demands(guess, bits_tk))
-        h = h + ragged_moe(x, w, p, L, cfg, decoder.provider, plan, token_bits, price, decoder.widths,
-                           decoder.width_hist, row_hist)
+        y = ragged_moe(x[0], w, p, L, cfg, decoder.provider, plan, token_bits, price, decoder.widths,
+                       decoder.width_hist, row_hist)[None]
+        h = h + (y if scale == 1.0 else y * scale)
     for s in plan.segments:
         pool.lengths[s.slot] = s.start + s.length
     sel = torch.cat([torch.arange(a, e) for a, e in logit_rows]) if logit_rows else torch.zeros(0, dtype=torch.long)
     if sel.numel() == 0:
         return torch.zeros(0, cfg.vocab_size)
-    head_plan = plan.select(logit_rows)
-    return head_plan.linear(rms_norm(h[sel], w["norm"], cfg.rms_norm_eps), decoder.lm_head)
+    return decoder.head(h[0, sel], plan.select(logit_rows).linear)

@@ -129,12 +129,15 @@ def test_step_plan_blocks():
         StepPlan((Segment(2, 0, 0, 5, False), Segment(0, 9, 5, 1, True)))
 
 
-def test_unsupported_model_features_are_refused_by_name():
-    import dataclasses
-
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+def test_kv_pool_has_the_single_request_cache_layout(attention):
+    """KVPool holds per slot what KVCache holds per sequence (MLA: its latent as one head, no values)."""
     from d2moe.config import ModelConfig
-    from d2moe.models.ragged import unsupported_features
+    from d2moe.models.layers import KVCache
 
-    cfg = ModelConfig(family="t", vocab_size=8, hidden_size=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8)
-    assert unsupported_features(cfg) == []
-    assert unsupported_features(dataclasses.replace(cfg, router_scoring="sigmoid")) == ["router_scoring='sigmoid'"]
+    mla = dict(attention="mla", q_lora_rank=0, kv_lora_rank=32, qk_rope_head_dim=8) if attention == "mla" else {}
+    cfg = ModelConfig(family="t", vocab_size=8, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=24, **mla)
+    pool, cache = KVPool(cfg, 3, 40), KVCache(cfg, 3, 40)
+    assert [t.shape for t in pool.k + pool.v] == [t.shape for t in cache.k + cache.v]
+    assert KVPool.nbytes_for(cfg, 3, 40) == cache.nbytes()
