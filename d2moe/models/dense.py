@@ -19,7 +19,6 @@ to bf16 for a bf16 GEMM. `int8_linear_reference` is the plain fp32 definition.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -107,9 +106,8 @@ def kernel_fits(m: Int8Matrix) -> bool:
     return q.shape[1] % KERNEL_K_MULTIPLE == 0 and q.is_contiguous() and q.data_ptr() % 16 == 0
 
 
-@cache
 def _kernel():
-    """d2moe's compiled CPU kernels (quant/kernels), or None without a compiler; loaded once per process."""
+    """d2moe's compiled CPU kernels (quant/kernels, memoised), or None without a compiler."""
     from d2moe.quant.kernels import load_kernel
 
     return load_kernel()

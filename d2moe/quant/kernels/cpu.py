@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -212,8 +213,10 @@ class BoundExpert:
         return first.kernel.experts_ffn(first.bits, addrs, w, _as_input(x, first.hidden), first.inter)
 
 
+@cache
 def load_kernel(cache_dir: Path | None = None, march: str = "native") -> CpuKernel | None:
-    """The compiled CPU kernel (built once into `cache_dir`), or None if it cannot be built."""
+    """The compiled CPU kernel (built once into `cache_dir`), or None if it cannot be built. Memoised: the
+    handle is immutable, so hot paths (dense matmuls, norms) may ask for it on every call."""
     lib = load_library(cache_dir, march)
     return None if lib is None else CpuKernel(lib)
 
