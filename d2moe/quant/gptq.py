@@ -12,13 +12,14 @@ c >> (8 - b) of 2^b equal buckets over [z - 32 s, z + 224 s]. Only the *values* 
   minimising sum_b lam_b (T_b - W_b(c))^2 among the codes of the per-width targets and of their lam-weighted
   mean. lam_b = base^(max_bits - b) / (msb's error at b) on this matrix: widths count relative to what
   plain msb achieves, low widths `base` times more per bit (base 1: no width favoured).
-* A group's grid (z, s) is the min/max grid of the lam-weighted mean target when the group is reached.
+* A group's grid (z, s) is the clipped grid (quant/clip.py) of the lam-weighted mean target when the group
+  is reached: the range [lo + a r, hi - b r] minimising the diag(H)-weighted error over every width, widths
+  weighted with base CLIP_BASE = 3 (clip_base=None: msb's min/max grid, the fit before clipping).
 
-Nesting stays exact by construction (one 8-bit code per weight, planes are its bits). On the default
-model's experts (base 2) the layer output error ||(W_b - W) X||^2 falls against msb by 12 / 17 / 23 / 29 / 29
-/ 10 % at 2..7 bits and doubles at 8 (a tiny 2.9e-5 -> 5.6e-5); held-out Hamlet perplexity (2,048 tokens):
-2 bits 700 vs msb 1203, 3 bits 90.2 vs 116.4, 4 bits 62.7 vs 65.3, 5 bits 58.9 vs 59.9, 6 bits equal, 8 bits
-60.3 vs 58.2 (README, "Quality against bits"). The residual fit still wins at 2-3 bits (293, 82.4).
+Nesting stays exact by construction (one 8-bit code per weight, planes are its bits). Held-out Hamlet
+perplexity (2,048 tokens) on the default model, min/max grids -> clipped grids: 2 bits 700 -> 168, 3 bits
+90.2 -> 80.3, 4 bits 62.7 -> 62.4, 5 bits 58.9 -> 58.4, 6 bits 57.7 -> 58.4, 8 bits 60.3 -> 57.7 (msb: 1203,
+116.4, 65.3, 59.9, 57.65, 58.2; README, "Fitting the nested codes").
 
 `quantize_gptq` is the batched fast path; `quantize_gptq_reference` the slow textbook one (float64, one
 matrix, explicit inverse-Hessian downdates after every column, no lazy blocks); tests compare them.
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from d2moe.config import MWQConfig
+from d2moe.quant.clip import CLIP_BASE, clip_grid
 from d2moe.quant.mwq import NestedWeight, _check_weight, _fit_msb, _to_nested
 
 DAMP = 0.01  # Hessian damping, fraction of the mean diagonal (GPTQ's default)
@@ -47,10 +49,19 @@ def _code_values(max_bits: int) -> Tensor:
     return step * (torch.floor(c / step) + 0.5)
 
 
-def _grid(g: Tensor, max_bits: int) -> tuple[Tensor, Tensor]:
-    """msb's min/max grid of groups g [..., gs]: (z, s) with lo = z - 32 s, float16-exact z and 64 s."""
-    theta, _ = _fit_msb(g.reshape(-1, g.shape[-1]), max_bits)
-    return theta[:, 0].reshape(g.shape[:-1]), (theta[:, 1] / 64).reshape(g.shape[:-1])
+def _grid(g: Tensor, max_bits: int, a: Tensor, lam: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The grid of groups g [B, out, gs]: (z, s) [B, out] with lo = z - 32 s, float16-exact z and 64 s.
+    lam [B, W] given: the clipped grid (quant/clip.py) weighted by a [B, gs] (the group's diag(H));
+    None: msb's min/max grid."""
+    B, out, gs = g.shape
+    flat = g.reshape(-1, gs)
+    if lam is None:
+        theta, _ = _fit_msb(flat, max_bits)
+        z, s = theta[:, 0], theta[:, 1] / 64
+    else:
+        z, s = clip_grid(flat, a[:, None, :].expand(B, out, gs).reshape(-1, gs),
+                         lam[:, None, :].expand(B, out, lam.shape[1]).reshape(-1, lam.shape[1]), max_bits)
+    return z.reshape(B, out), s.reshape(B, out)
 
 
 def width_weights(w: Tensor, h: Tensor, cfg: MWQConfig, base: float = WIDTH_BASE) -> Tensor:
@@ -93,8 +104,10 @@ def _nested_from_codes(z: Tensor, s: Tensor, codes: Tensor, max_bits: int) -> Ne
     return _to_nested(theta, (codes.long() >> (8 - max_bits)).reshape(-1, n_in // z.shape[1]), out, n_in, max_bits)
 
 
-def quantize_gptq(w: Tensor, h: Tensor, cfg: MWQConfig, base: float = WIDTH_BASE) -> list[NestedWeight]:
-    """Matrices w [B, out, in] with input Hessians h [B, in, in] -> B NestedWeights in the msb layout."""
+def quantize_gptq(w: Tensor, h: Tensor, cfg: MWQConfig, base: float = WIDTH_BASE,
+                  clip_base: float | None = CLIP_BASE) -> list[NestedWeight]:
+    """Matrices w [B, out, in] with input Hessians h [B, in, in] -> B NestedWeights in the msb layout.
+    `clip_base` weighs the widths of the clipped grid search (None: msb's min/max grids)."""
     for i in range(w.shape[0]):
         _check_weight(w[i], cfg, None)
     B, out, n = w.shape
@@ -102,6 +115,8 @@ def quantize_gptq(w: Tensor, h: Tensor, cfg: MWQConfig, base: float = WIDTH_BASE
     n_w = mb - 1
     w = w.detach().float()
     lam = width_weights(w, h, cfg, base)  # [B, W]
+    clam = None if clip_base is None else width_weights(w, h, cfg, clip_base)  # [B, W] of the grid search
+    hdiag = h.diagonal(dim1=1, dim2=2).clamp_min(0).float()  # [B, n]
     u = _inverse_factor(h).float()
     ut = u.transpose(1, 2).contiguous()  # [B, n, n]: ut[b, k, j] = U[b, j, k]
     vtab = _code_values(mb).float()  # [2^mb, W] bucket centres in units of the max_bits step
@@ -116,7 +131,7 @@ def quantize_gptq(w: Tensor, h: Tensor, cfg: MWQConfig, base: float = WIDTH_BASE
     for gi in range(n_g):
         g0 = gi * gs
         mean = (T[g0 : g0 + gs] * lam_c).sum(-1).permute(1, 2, 0)  # [B, out, gs] lam-weighted mean target
-        z, s = _grid(mean, mb)
+        z, s = _grid(mean, mb, hdiag[:, g0 : g0 + gs], clam)
         Z[..., gi], S[..., gi] = z, s
         unit = s * 2.0 ** (8 - mb)  # code step at max_bits, [B, out]
         live = (unit > 0)[..., None]  # [B, out, 1]; dead groups keep code 0 (W_b = z)
@@ -143,7 +158,8 @@ def quantize_gptq(w: Tensor, h: Tensor, cfg: MWQConfig, base: float = WIDTH_BASE
     return [_nested_from_codes(Z[i], S[i], codes[i], mb) for i in range(B)]
 
 
-def quantize_gptq_reference(w: Tensor, h: Tensor, cfg: MWQConfig, base: float = WIDTH_BASE) -> NestedWeight:
+def quantize_gptq_reference(w: Tensor, h: Tensor, cfg: MWQConfig, base: float = WIDTH_BASE,
+                            clip_base: float | None = CLIP_BASE) -> NestedWeight:
     """Slow reference of `quantize_gptq` for one matrix w [out, in], h [in, in]: float64, the inverse Hessian
     downdated explicitly after each column (OBS), all targets updated after every column, codes scored among
     the same candidates (each width's floor code and the lam-weighted mean's). Codes can differ from the fast
@@ -152,6 +168,8 @@ def quantize_gptq_reference(w: Tensor, h: Tensor, cfg: MWQConfig, base: float = 
     out, n = w.shape
     gs, mb = cfg.group_size, cfg.max_bits
     lam = width_weights(w[None].float(), h[None], cfg, base)[0].double()  # [W]
+    clam = None if clip_base is None else width_weights(w[None].float(), h[None], cfg, clip_base)
+    hdiag = h.diagonal().clamp_min(0).float()[None]  # [1, n]
     hd = h.double().clone()
     d = hd.diagonal()
     dead = d <= 0
@@ -164,7 +182,9 @@ def quantize_gptq_reference(w: Tensor, h: Tensor, cfg: MWQConfig, base: float = 
     codes = torch.empty(out, n, dtype=torch.int64)
     for j in range(n):
         if j % gs == 0:
-            z, s = _grid(torch.einsum("woj,w->oj", T[:, :, j : j + gs], lam).float(), mb)
+            z, s = _grid(torch.einsum("woj,w->oj", T[:, :, j : j + gs], lam).float()[None], mb,
+                         hdiag[:, j : j + gs], clam)
+            z, s = z[0], s[0]
             Z[:, j // gs], S[:, j // gs] = z, s
             unit = (s * 2.0 ** (8 - mb)).double()
             lo = (z - 32 * s).double()

@@ -197,3 +197,112 @@ def test_bits_out_of_range() -> None:
             dequantize(q, bits)
     with pytest.raises(ValueError, match="act_sq"):
         quantize(torch.randn(2, 64), MWQConfig(), act_sq=torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------- clipped grids (clip.py)
+
+
+@st.composite
+def clip_cases(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor | None, MWQConfig]:
+    """A matrix from `matrices` with outliers and per-column activation energies (some columns silent, a few
+    loud), or no activations."""
+    w, cfg = draw(matrices())
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if draw(st.booleans()):
+        w = w.clone()
+        w.view(-1)[torch.randint(0, w.numel(), (3,), generator=g)] *= draw(st.sampled_from([4.0, 20.0]))
+    act = None
+    if draw(st.booleans()):
+        act = torch.rand(w.shape[1], generator=g) ** 4
+        act[torch.randint(0, w.shape[1], (2,), generator=g)] *= 100
+        act[torch.randint(0, w.shape[1], (2,), generator=g)] = 0
+    return w, act, cfg
+
+
+def _clip_objective(w, act, cfg, z, s):
+    from d2moe.quant.clip import grid_errors, width_weights
+
+    g = w.reshape(-1, cfg.group_size)
+    a = None if act is None else act.reshape(-1, cfg.group_size).repeat(w.shape[0], 1)
+    return (grid_errors(g, a, z.reshape(-1), s.reshape(-1), cfg.max_bits) * width_weights(g, a, cfg.max_bits)).sum(1)
+
+
+@FAST
+@given(clip_cases())
+def test_clip_is_msb_nesting_and_never_worse_than_min_max(case) -> None:
+    """The clipped fit is msb's form (float16 z and 64 s, plane scales halving, every width the bucket centre
+    of the top bits of one 8-bit code), and per group its objective is at most that of msb's min/max grid."""
+    from d2moe.quant.clip import quantize_clip
+
+    w, act, cfg = case
+    q = quantize_clip(w, cfg, act)
+    m = quantize(w, MWQConfig(group_size=cfg.group_size, max_bits=cfg.max_bits))
+    gs, mb = cfg.group_size, cfg.max_bits
+    s = q.base_scale / 64
+    assert torch.equal(q.offset, q.offset.half().float()) and torch.equal(q.base_scale, q.base_scale.half().float())
+    for i in range(3, mb + 1):
+        assert torch.equal(q.plane_scales[i - 3], s * 2.0 ** (7 - i))
+    p = mb - 2
+    code = (q.base.long() << p) + sum(q.planes[i].long() << (p - 1 - i) for i in range(p))
+    ex = lambda t: t.repeat_interleave(gs, dim=1)  # noqa: E731
+    lo = ex(q.offset - 32 * s)
+    for b in range(2, mb + 1):
+        step = ex(s) * 2.0 ** (8 - b)
+        expect = lo + step * ((code >> (mb - b)).float() + 0.5)
+        torch.testing.assert_close(dequantize(q, b), expect, rtol=0, atol=4e-7 * float(expect.abs().max() + s.max()))
+    ours = _clip_objective(w, act, cfg, q.offset, s)
+    msb = _clip_objective(w, act, cfg, m.offset, m.base_scale / 64)
+    assert (ours <= msb).all()
+
+
+@FAST
+@given(matrices())
+def test_clip_without_clipping_is_msb_bit_for_bit(case) -> None:
+    """Silent columns (act = 0) leave nothing to gain: the search keeps msb's grid and codes exactly."""
+    from d2moe.quant.clip import quantize_clip
+
+    w, cfg = case
+    q = quantize_clip(w, cfg, torch.zeros(w.shape[1]))
+    m = quantize(w, MWQConfig(group_size=cfg.group_size, max_bits=cfg.max_bits))
+    for f in ("offset", "base_scale", "base", "plane_scales", "planes"):
+        assert torch.equal(getattr(q, f), getattr(m, f)), f
+
+
+def test_clip_store_round_trip(tmp_path) -> None:
+    """Clipped experts through a real store (writer, 4 KiB slices, reader): every b-bit prefix read back
+    dequantizes to the quantizer's b-bit weights bit for bit, and the store's bytes equal msb's."""
+    from d2moe.config import ModelConfig
+    from d2moe.quant.clip import quantize_clip
+    from d2moe.quant.pack import ExpertLayout, dequantize_packed, pack_expert, unpack_expert
+    from d2moe.storage.format import BLOB_ALIGNMENT, StoreConfig
+    from d2moe.storage.reader import StoreReader
+    from d2moe.storage.writer import StoreWriter
+
+    H, I = 64, 32
+    model = ModelConfig(family="test", vocab_size=16, hidden_size=H, num_layers=2, num_heads=2, num_kv_heads=1,
+                        head_dim=4, num_experts=2, top_k=1, expert_intermediate=I, dense_layers=(0,),
+                        dense_intermediate=8)
+    cfg = MWQConfig(group_size=32)
+    layout = ExpertLayout((("w1", I, H), ("w3", I, H), ("w2", H, I)), cfg, slice_align=BLOB_ALIGNMENT)
+    g = torch.Generator().manual_seed(5)
+    experts, msb_bytes = [], []
+    for _ in range(model.num_experts):
+        ws = {"w1": torch.randn(I, H, generator=g), "w3": torch.randn(I, H, generator=g), "w2": torch.randn(H, I, generator=g)}
+        ws["w2"][0, 0] = 12.0  # an outlier worth clipping
+        acts = {"w1": torch.rand(H, generator=g), "w3": torch.rand(H, generator=g), "w2": torch.rand(I, generator=g)}
+        experts.append({m: quantize_clip(ws[m], cfg, acts[m]) for m in ws})
+        msb_bytes.append(len(pack_expert(layout, {m: quantize(ws[m], cfg) for m in ws})))
+    slices = [layout.slice_bytes(b) for b in cfg.widths]
+    writer = StoreWriter(tmp_path / "s", StoreConfig(model, cfg, tuple(layout.shapes)))
+    writer.write_dense({"embed": torch.zeros(16, H)})
+    for e, q in enumerate(experts):
+        blob = pack_expert(layout, q)
+        assert len(blob) == msb_bytes[e]
+        writer.add_expert(1, e, blob, slices)
+    writer.commit()
+    reader = StoreReader(tmp_path / "s")
+    for e, q in enumerate(experts):
+        for b in cfg.widths:
+            views = unpack_expert(layout, bytes(reader.read_expert(1, e, b).tolist()), b)
+            for name, qi in q.items():
+                assert torch.equal(dequantize_packed(views[name], b), dequantize(qi, b)), (e, name, b)
