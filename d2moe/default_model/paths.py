@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "smollm2-moe-e8k6-v1"  # bump the suffix when the recipe changes
-STORE_VARIANT = "f16-v2"  # bump when the store settings or format change (f16: dense in float16; v2: format 2)
+STORE_VARIANT = "f16-gptq-v2"  # bump when the store settings or format change (f16: dense in float16;
+# gptq: experts fitted by gptq on clipped grids; v2: format 2)
 
 
 def d2moe_home() -> Path:
