@@ -46,7 +46,8 @@ def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig, bias: torch.T
         idx = _within_best_groups(choice, cfg).topk(cfg.top_k, dim=-1).indices
         weight = scores.gather(1, idx)
     if cfg.norm_topk_prob:
-        weight = weight / (weight.sum(dim=-1, keepdim=True) + (1e-20 if cfg.router_scoring == "sigmoid" else 0.0))
+        total = weight.sum(dim=-1, keepdim=True)
+        weight = weight / (total + 1e-20 if cfg.router_scoring == "sigmoid" else total)
     if cfg.routed_scaling_factor != 1.0:
         weight = weight * cfg.routed_scaling_factor
     return Routing(idx, weight)
@@ -262,8 +263,9 @@ def moe_block(
         idx, weight = routing.idx[0].tolist(), routing.weight[0].tolist()
         bits = one_token_widths(layer, x, routing, idx, weight, token_bits, price, widths)
         if width_hist is not None:
+            counts = width_hist.numpy()  # a view: k scalar increments, not 3 tensor ops each
             for b in bits:
-                width_hist[b] += 1
+                counts[b] += 1
         out = _one_token(x.float(), idx, weight, bits, layer, provider, cfg, expert_runner(w, prefix, cfg))
     else:
         bits_tk = chosen_widths(layer, x, routing, token_bits, price, widths)
