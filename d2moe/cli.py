@@ -145,8 +145,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from d2moe.engine.model import open_model
-    from d2moe.engine.perplexity import perplexity
+    from d2moe.engine.perplexity import perplexity, stepwise_logits
 
+    if args.deadline is not None and not args.stepwise:
+        raise ValueError("--deadline applies to decode steps: add --stepwise")
     text_path = Path(args.text)
     try:
         text = text_path.read_text(encoding="utf-8", errors="replace")
@@ -161,7 +163,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         def logits_fn(x):
             cache = model.decoder.new_cache(1, x.shape[1])
-            return model.decoder.forward(x, cache, choice.bits, price=choice.price)
+            if not args.stepwise:
+                return model.decoder.forward(x, cache, choice.bits, price=choice.price)
+            return stepwise_logits(model, x, cache, choice.bits, choice.price, args.deadline)
 
         t0 = time.perf_counter()
         res = perplexity(ids, logits_fn, args.max_tokens, args.context, bar.update)
@@ -185,6 +189,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "expert_bytes_read": rep["expert_bytes_read"],
         "memory_budget": model.plan.budget,
         "seconds": round(time.perf_counter() - t0, 3),
+        "stepwise": args.stepwise,
+        "deadline_ms": None if args.deadline is None else args.deadline * 1e3,
         "text": str(text_path),
         "model": str(model.path),
         "engine": rep,
@@ -453,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     width_args(ev)
     ev.add_argument("--max-tokens", type=int, default=8192, help="first N tokens of the file")
     ev.add_argument("--context", type=int, default=512, help="window length (non-overlapping)")
+    ev.add_argument("--stepwise", action="store_true",
+                    help="score each window one token at a time through the decode path (as generation runs: "
+                         "prefetch, --no-stall and --deadline act on every step; slow)")
+    ev.add_argument("--deadline", type=_positive_ms, default=None, metavar="MS",
+                    help="with --stepwise: the per-step deadline of `run --deadline`")
     engine_args(ev)
     threads_arg(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object")

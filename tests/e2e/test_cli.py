@@ -54,6 +54,24 @@ def test_eval_json_bits_trade_off(store, tmp_path):
     assert results[2]["perplexity"] != results[8]["perplexity"]
 
 
+def test_eval_stepwise_scores_through_the_decode_path(store, tmp_path):
+    """--stepwise feeds one token per forward (prefetch, --no-stall and --deadline act as in generation):
+    perplexity equal to the one-forward score up to the few-token kernels' int16 activations; --deadline
+    alone is a clear error."""
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    res = {}
+    for mode in ([], ["--stepwise", "--deadline", "5"]):
+        r = d2moe("eval", "--model", str(store), "--text", str(text), "--bits", "8", "--context", "32", "--json",
+                  *mode)
+        assert r.returncode == 0, r.stderr
+        res[bool(mode)] = json.loads(r.stdout)
+    assert res[True]["stepwise"] and res[True]["deadline_ms"] == 5 and res[True]["tokens"] == res[False]["tokens"]
+    assert abs(res[True]["perplexity"] / res[False]["perplexity"] - 1) < 0.02
+    r = d2moe("eval", "--model", str(store), "--text", str(text), "--deadline", "5")
+    assert r.returncode == 2 and "--stepwise" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_info_json(store):
     r = d2moe("info", "--model", str(store), "--json")
     assert r.returncode == 0, r.stderr
