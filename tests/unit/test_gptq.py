@@ -90,18 +90,32 @@ def test_gptq_blob_prefix_gives_every_width(case) -> None:
 @settings(max_examples=10, deadline=None)
 @given(problems())
 def test_fast_path_equals_reference(case) -> None:
-    """Batched float32 with lazy updates vs one matrix in float64 with OBS downdates: same grids and codes
-    (up to rare near-ties)."""
+    """Batched float32 with lazy updates vs one matrix in float64 with OBS downdates: the same objective at
+    every width (within 5 %). Codes agree too but for near-ties, and a tie in the clip search moves a whole
+    group's grid, so on these tiny matrices (a few groups of 8) a code count is no test; on real sizes most
+    codes agree (`test_fast_path_codes_agree_on_a_real_size`)."""
     w, h, cfg = case
     for i, q in enumerate(quantize_gptq(w, h, cfg)):
         r = quantize_gptq_reference(w[i], h[i], cfg)
-        same = (_codes(q) == _codes(r)).float().mean().item()
-        assert same >= 0.97, same
         for b in cfg.widths:
             d = dequantize(q, b) - dequantize(r, b)
             err = lambda x: float(((x - w[i]) @ h[i] * (x - w[i])).sum())  # noqa: E731
             assert err(dequantize(q, b)) <= 1.05 * err(dequantize(r, b)) + 1e-6 * float((w[i] @ h[i] * w[i]).sum())
             assert d.abs().max() <= 2 * float(dequantize(r, 2).abs().max() + 1e-30)
+
+
+def test_fast_path_codes_agree_on_a_real_size() -> None:
+    """At an expert's proportions (64 x 256, groups of 64, correlated inputs) the fast path's codes are the
+    reference's but for near-ties."""
+    g = torch.Generator().manual_seed(5)
+    n = 256
+    w = torch.randn(1, 64, n, generator=g)
+    x = torch.randn(1, 512, n, generator=g) @ (torch.eye(n) + 0.2 * torch.randn(n, n, generator=g))
+    h = x.transpose(1, 2) @ x
+    cfg = MWQConfig(group_size=64, method="gptq")
+    q = quantize_gptq(w, h, cfg)[0]
+    r = quantize_gptq_reference(w[0], h[0], cfg)
+    assert (_codes(q) == _codes(r)).float().mean().item() >= 0.97
 
 
 def test_gptq_cuts_output_error_at_every_width() -> None:
