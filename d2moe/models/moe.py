@@ -144,6 +144,8 @@ def grouped_experts(
     (one decode token of a sequence each) run in pieces of at most the expert's `invariant_tokens`, each
     prefill chunk (its first row in `chunk_starts`) whole; without `chunk_starts`, all tokens in one call."""
     T, k = routing.idx.shape
+    if T == 1 and runner is None and not cfg.expert_input_weighted:
+        return _one_row(xf, routing, bits, layer, provider)
     keys = (routing.idx * 16 + bits).reshape(-1)  # [T*k] one key per (expert, bits); bits 0: skipped
     order = torch.argsort(keys, stable=True)  # grouped by key, tokens ascending inside a group
     unique_keys, counts = torch.unique_consecutive(keys[order], return_counts=True)
@@ -174,6 +176,26 @@ def grouped_experts(
     out = torch.zeros_like(xf)
     for _, t, y in sorted(parts, key=lambda p: p[0]):  # stable: pieces of one key keep their order
         out.index_add_(0, t, y)
+    return out
+
+
+def _one_row(xf: torch.Tensor, routing: Routing, bits: torch.Tensor, layer: int,
+             provider: ExpertProvider) -> torch.Tensor:
+    """`grouped_experts` for a single row (a batched step with one decode token), bit for bit: the experts
+    in (expert, bits) order, each product rounded then added, in one kernel call when they share a width
+    (the kernel sums that way) instead of one call each."""
+    chosen = sorted((e * 16 + b, e, b, w) for e, b, w in
+                    zip(routing.idx[0].tolist(), bits[0].tolist(), routing.weight[0].tolist()) if b > 0)
+    fns: dict[int, ExpertFn] = {}
+    for batch in provider.experts(layer, [(e, b, 1) for _, e, b, _ in chosen], hold=True):
+        fns.update((e * 16 + b, fn) for e, b, fn in batch)
+    ordered, weights = [fns[key] for key, *_ in chosen], [w for *_, w in chosen]
+    many = getattr(type(ordered[0]), "run_many", None) if ordered else None
+    if many is not None and (y := many(ordered, weights, xf)) is not None:
+        return y
+    out = torch.zeros_like(xf)
+    for fn, w in zip(ordered, weights):
+        out.add_(fn(xf) * torch.tensor([[w]]))
     return out
 
 

@@ -254,7 +254,12 @@ int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, 
 #pragma omp for schedule(static) nowait
             for (int64_t r = 0; r < H; ++r) {
                 g2[e].dot(r, act + e * T * I, I, T, part.data(), 1, qa[e]);
-                for (int64_t t = 0; t < T; ++t) y[t * H + r] = (e ? y[t * H + r] : 0.f) + weights[e] * part[t];
+                for (int64_t t = 0; t < T; ++t) {
+                    // product rounded, then added (no fused multiply-add): the same bits as torch's
+                    // `y * w` then `index_add_`, so a lone decode row equals the batched step's grouping
+                    const volatile float prod = weights[e] * part[t];
+                    y[t * H + r] = (e ? y[t * H + r] : 0.f) + prod;
+                }
             }
         }
     }
