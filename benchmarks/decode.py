@@ -25,6 +25,18 @@ from d2moe.engine.sampling import SamplingParams
 PROMPT = "The capital of France is Paris. It is known for"
 
 
+def add_clock_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--threads", type=int, default=2, help="compute threads (wall clock only)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+
+
+def use_clock(args: argparse.Namespace):
+    """Set the compute threads for `--clock` and return its clock: wall time with --threads, or the main
+    thread's CPU time with one compute thread."""
+    torch.set_num_threads(args.threads if args.clock == "wall" else 1)
+    return time.perf_counter if args.clock == "wall" else time.thread_time
+
+
 def decode_rate(model, request: Request, clock=time.perf_counter) -> float:
     """Decode tokens per second of `clock`; the first token comes out of prefill and is not counted."""
     n, t0 = 0, 0.0
@@ -41,12 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="compute threads (wall clock only)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    add_clock_args(ap)
     ap.add_argument("--out", default="results/decode.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads if args.clock == "wall" else 1)
-    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    clock = use_clock(args)
     model = open_model(Path(args.model))
     ids = tuple(model.require_tokenizer().encode(PROMPT, add_special_tokens=False).ids)
     for b in sorted(args.bits, reverse=True):

@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import median, write_result
-from benchmarks.decode import decode_rate
+from benchmarks.decode import PROMPT, add_clock_args, decode_rate, use_clock
 from d2moe.default_model.paths import default_model_dir
 from d2moe.engine.generate import Request, generate
 from d2moe.engine.model import open_model
 from d2moe.engine.sampling import SamplingParams
 from d2moe.models.moe import one_token_widths, route_layer
 
-PROMPT = "The capital of France is Paris. It is known for"
 
 
 def rule_call_us(model, calls: int = 2000) -> float:
@@ -54,12 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=str(default_model_dir()))
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2, help="compute threads (wall clock only)")
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    add_clock_args(ap)
     ap.add_argument("--out", default="results/router_overhead.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads if args.clock == "wall" else 1)
-    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    clock = use_clock(args)
     model = open_model(Path(args.model))
     if model.decoder.widths is None:
         print(f"{args.model} has no calibrated width router: run `d2moe calibrate` first", file=sys.stderr)

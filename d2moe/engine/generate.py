@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,20 @@ class GenerationStats:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+@contextmanager
+def step_deadline(provider, deadline: float | None) -> Iterator[None]:
+    """One decode step under a deadline `deadline` seconds from now (providers that degrade late planes;
+    others and None: no deadline)."""
+    if deadline is None or not hasattr(provider, "set_deadline"):
+        yield
+        return
+    provider.set_deadline(time.perf_counter() + deadline)
+    try:
+        yield
+    finally:
+        provider.set_deadline(None)
+
+
 def generate(model: LoadedModel, request: Request, stats: GenerationStats | None = None) -> Iterator[int]:
     """Yield generated token ids until max_tokens or an end-of-sequence token."""
     stats = stats if stats is not None else GenerationStats()
@@ -62,12 +77,7 @@ def generate(model: LoadedModel, request: Request, stats: GenerationStats | None
         yield token
         if i + 1 == params.max_tokens:
             break
-        if request.deadline is not None and hasattr(model.provider, "set_deadline"):
-            model.provider.set_deadline(time.perf_counter() + request.deadline)
-        try:
+        with step_deadline(model.provider, request.deadline):
             logits = model.decoder.forward(torch.tensor([[token]]), cache, request.bits, last_only=True,
                                            price=request.price)
-        finally:
-            if request.deadline is not None and hasattr(model.provider, "set_deadline"):
-                model.provider.set_deadline(None)
         stats.decode_seconds = time.perf_counter() - t0

@@ -8,12 +8,13 @@ A final window shorter than 2 tokens is dropped.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from d2moe.engine.generate import step_deadline
 
 # logits_fn(window [1, C] token ids) -> logits [1, C, V]
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -61,14 +62,8 @@ def stepwise_logits(model, x: torch.Tensor, cache, bits: int, price: float | Non
     --no-stall or a per-step `deadline` in seconds) acts on every prediction, as in generation. When nothing
     degrades it differs from the one-forward logits only by the few-token kernels' int16 activations (0.3 %
     perplexity on the default model; tested within 2 %)."""
-    provider = model.provider
     outs = []
     for i in range(x.shape[1]):
-        if deadline is not None and hasattr(provider, "set_deadline"):
-            provider.set_deadline(time.perf_counter() + deadline)
-        try:
+        with step_deadline(model.provider, deadline):
             outs.append(model.decoder.forward(x[:, i : i + 1], cache, bits, price=price))
-        finally:
-            if deadline is not None and hasattr(provider, "set_deadline"):
-                provider.set_deadline(None)
     return torch.cat(outs, dim=1)

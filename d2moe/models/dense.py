@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from d2moe.quant.kernels.cpu import load_kernel
+
 # last name part; MLA's wkv_b stays float: it is used per head as a batched matmul (models/mla.py)
 INT8_MATRICES = frozenset({"embed", "lm_head", "wq", "wk", "wv", "wo", "w1", "w3", "w2", "wq_a", "wq_b", "wkv_a"})
 SCALE_SUFFIX = ".scale"
@@ -106,13 +108,6 @@ def kernel_fits(m: Int8Matrix) -> bool:
     return q.shape[1] % KERNEL_K_MULTIPLE == 0 and q.is_contiguous() and q.data_ptr() % 16 == 0
 
 
-def _kernel():
-    """d2moe's compiled CPU kernels (quant/kernels, memoised), or None without a compiler."""
-    from d2moe.quant.kernels import load_kernel
-
-    return load_kernel()
-
-
 def _contiguous_f32(x: torch.Tensor) -> torch.Tensor:
     x = x if x.dtype == torch.float32 else x.float()
     return x if x.is_contiguous() else x.contiguous()
@@ -128,7 +123,7 @@ def int8_linear(x: torch.Tensor, m: Int8Matrix) -> torch.Tensor:
     lead, K = x.shape[:-1], x.shape[-1]
     N = m.q.shape[0]
     x2 = x.reshape(-1, K)
-    if x2.shape[0] <= KERNEL_MAX_TOKENS and (kernel := _kernel()) is not None and m.q.is_contiguous():
+    if x2.shape[0] <= KERNEL_MAX_TOKENS and (kernel := load_kernel()) is not None and m.q.is_contiguous():
         y = kernel.int8_linear(_contiguous_f32(x2), m.q, m.scale)
         if y is not None:  # d2moe's VNNI kernel on int16 activations (quant/kernels/mwq_int8_dense.h)
             return y.view(*lead, N)
