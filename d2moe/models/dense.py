@@ -1,4 +1,5 @@
-"""Per-output-channel int8 dense matrices: quantized once at conversion, multiplied without a float copy.
+"""Dense matrices' products: per-output-channel int8 (quantized once at conversion, multiplied without a
+float copy) and fp16.
 
 Dense weights (embeddings, attention, head, dense FFN layers) are resident and count against the memory
 budget, so `convert --dense-dtype int8` stores each such matrix W [out, in] as symmetric int8 with one scale
@@ -14,6 +15,12 @@ Runtime: `int8_linear` streams q through d2moe's VNNI kernel (int16 activations 
 the default model's shape, one core: 1.1 ms against 4.5 ms for `aten._weight_int8pack_mm` on bf16
 activations, which stays the fallback) for a few tokens, and for many tokens dequantizes cache-sized chunks
 to bf16 for a bf16 GEMM. `int8_linear_reference` is the plain fp32 definition.
+
+fp16 matrices (`convert --dense-dtype float16`, the default model's) go through d2moe's fp16 kernel
+(quant/kernels/mwq_f16_dense.h): torch's CPU fp16 GEMM rounds activations to fp16 and costs time linear in
+rows (the default model's head: 3.3 ms for one row, 48 ms for 16, 380 ms for 128); the kernel keeps them
+fp32 (~2000x more exact), streams the weights once and costs 2.0 / 17 / 107 ms. `F.linear` in the matrix's
+dtype is the fallback (no AVX-512, in % 16 != 0) and the reference.
 """
 
 from __future__ import annotations
@@ -139,6 +146,22 @@ def int8_linear(x: torch.Tensor, m: Int8Matrix) -> torch.Tensor:
         b = min(a + rows, N)
         torch.mul(F.linear(xb, m.q[a:b].to(torch.bfloat16)), scale[a:b], out=out[:, a:b])
     return out.view(*lead, N)
+
+
+def float16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., in] float -> x @ w.T [..., out] fp32 for an fp16 w [out, in]: d2moe's kernel (fp32
+    activations, the same bits for a row at any row count), or torch's fp16 GEMM where it has none."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    if w.is_contiguous() and (kernel := load_kernel()) is not None:
+        y = kernel.f16_linear(_contiguous_f32(x.reshape(-1, K)), w)
+        if y is not None:
+            return y.view(*lead, w.shape[0])
+    return float16_linear_reference(x, w)
+
+
+def float16_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """torch's fp16 product (activations rounded to fp16), fp32 out."""
+    return F.linear(x.to(w.dtype), w).float()
 
 
 # ---- embedding ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from d2moe.config import ModelConfig, RopeScaling
-from d2moe.models.dense import DenseWeight, Int8Matrix, int8_embedding, int8_linear
+from d2moe.models.dense import DenseWeight, Int8Matrix, float16_linear, int8_embedding, int8_linear
 from d2moe.quant.kernels.cpu import load_kernel
 
 
@@ -53,11 +53,12 @@ def linear(x: torch.Tensor, w: DenseWeight, b: torch.Tensor | None = None) -> to
 
     A decode-step matvec is memory bound, so fewer weight bytes are less time (the default model's 49K x 576
     head on 2 cores, T = 1: fp32 6.9 ms, bf16 2.3 ms, fp16 1.2 ms, int8 0.8 ms), while the residual stream,
-    norms and biases stay fp32. Prefill differs: fp16 GEMM has no fast CPU kernel (T = 128 through the head:
-    fp16 154 ms, bf16 10 ms, int8 via bf16 chunks ~15-28 ms).
+    norms and biases stay fp32. fp16 and int8 run d2moe's kernels (models/dense.py).
     """
     if isinstance(w, Int8Matrix):
         y = int8_linear(x, w)
+    elif w.dtype == torch.float16:
+        y = float16_linear(x, w)
     else:
         y = F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w).float()
     return y if b is None else y + b

@@ -74,8 +74,9 @@ class CpuKernel:
         self.lib.mwq_invariant_tokens.argtypes = [vp, i32]
         self.lib.mwq_int8_linear.argtypes = [vp, vp, i64, i64, vp, i64, vp, i32]
         self.lib.mwq_rms_norm.argtypes = [vp, vp, i64, i64, ctypes.c_float, vp]
+        self.lib.mwq_f16_linear.argtypes = [vp, i64, i64, vp, i64, vp, i32]
         for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_experts_ffn, self.lib.mwq_invariant_tokens,
-                  self.lib.mwq_int8_linear, self.lib.mwq_rms_norm):
+                  self.lib.mwq_int8_linear, self.lib.mwq_rms_norm, self.lib.mwq_f16_linear):
             f.restype = i32
         object.__setattr__(self, "_avx512", bool(self.lib.mwq_has_avx512()))  # asked once, not per expert
 
@@ -107,6 +108,16 @@ class CpuKernel:
         y = torch.empty(x.shape[0], N, dtype=torch.float32)
         rc = self.lib.mwq_int8_linear(q.data_ptr(), scale.data_ptr(), N, K, x.data_ptr(), x.shape[0], y.data_ptr(),
                                       torch.get_num_threads())
+        return None if rc else y
+
+    def f16_linear(self, x: Tensor, w: Tensor) -> Tensor | None:
+        """x [T, K] float32 (contiguous) @ w^T -> [T, N] float32 for a contiguous float16 w [N, K], weights
+        converted in registers and activations kept fp32; the same bits for a token at any T. None where this
+        build or shape has no kernel (no AVX-512, K % 16 != 0): the caller keeps torch's."""
+        N, K = w.shape
+        y = torch.empty(x.shape[0], N, dtype=torch.float32)
+        rc = self.lib.mwq_f16_linear(w.data_ptr(), N, K, x.data_ptr(), x.shape[0], y.data_ptr(),
+                                     torch.get_num_threads())
         return None if rc else y
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:

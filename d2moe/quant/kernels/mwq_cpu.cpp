@@ -23,12 +23,14 @@
 // The AVX-512 kernels need group_size % 16 == 0 (masked int16: % 32, GFNI: % 64); the portable path % 8.
 //
 // Files: mwq_common.h (view, coefficients, int16 activations), mwq_float.h (float kernels), mwq_int16.h
-// (int16 kernels), mwq_int8_dense.h (per-row int8 dense matrices), this file (dispatch, threading, C API).
+// (int16 kernels), mwq_int8_dense.h (per-row int8 dense matrices), mwq_f16_dense.h (fp16 dense
+// matrices), this file (dispatch, threading, C API).
 
 #include "mwq_common.h"
 #include "mwq_float.h"
 #include "mwq_int16.h"
 #include "mwq_int8_dense.h"
+#include "mwq_f16_dense.h"
 
 namespace {
 
@@ -308,6 +310,38 @@ int mwq_rms_norm(const float* x, const float* w, int64_t n, int64_t H, float eps
         for (int64_t j = 0; j < H; ++j) o[j] = w[j] * (xr[j] * inv);
     }
     return 0;
+}
+
+// y [T, N] = x [T, K] @ w^T for an fp16 matrix w [N, K] and fp32 x (mwq_f16_dense.h); K % 16 == 0.
+int mwq_f16_linear(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t T, float* y, int nthreads) {
+#if defined(__AVX512F__)
+    if (K % 16 != 0 || T < 1) return -1;
+    // Up to 3 tokens the weights stream from memory once: one row at a time reads them sequentially (the
+    // head of the default model, one token: 2.1 ms; tiles of 4 or 8 interleaved rows 4.9 ms; torch 3.3 ms).
+    // From 4 tokens on the FMAs bound it: tiles of 4 rows x 4 tokens share each load.
+    const int64_t TB = 64;  // tokens per block: its activations stay in L2 across row tiles
+    const int64_t R = T < 4 ? 1 : 4, tiles = N / R;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t t0 = 0; t0 < T; t0 += TB) {
+        const int64_t tb = T - t0 < TB ? T - t0 : TB;
+        const float* xb = x + t0 * K;
+        float* yb = y + t0 * N;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i <= tiles; ++i) {
+            if (i == tiles) {
+                for (int64_t r = tiles * R; r < N; ++r) f16_rows<1>(w + r * K, K, xb, tb, yb + r, N);
+            } else if (R == 1) {
+                f16_rows<1>(w + i * K, K, xb, tb, yb + i, N);
+            } else {
+                f16_rows<4>(w + i * 4 * K, K, xb, tb, yb + i * 4, N);
+            }
+        }
+    }
+    return 0;
+#else
+    (void)w, (void)N, (void)K, (void)x, (void)T, (void)y, (void)nthreads;
+    return -1;
+#endif
 }
 
 }  // extern "C"
