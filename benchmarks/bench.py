@@ -5,7 +5,7 @@ own measured idle overhead (llama.cpp gets the budget + 150 MiB, as its whole pr
 with drop_caches before it; engines interleave within each repeat; medians are reported. Writes JSON and
 plots (tokens/s against budget; a timeline of I/O and compute waits for a few decode steps).
 
-    python -m benchmarks.bench [--model bench8x] [--fractions 0.25] [--repeats 3] [--tokens 32]
+    python -m benchmarks.bench [--model bench8x|mixtral2k] [--fractions 0.25] [--repeats 3] [--tokens 32]
     d2moe bench ...   (the same)
 """
 
@@ -21,7 +21,11 @@ from benchmarks.cgroup import available, run_limited
 from benchmarks.common import write_result
 from benchmarks.llamacpp import completion_command, find_llamacpp, parse_timings
 
+BENCH_MODELS = ["bench8x", "mixtral2k"]  # the models of benchmarks/models.py with GGUF files for the peer
 LLAMA_EXTRA = 150 * 2**20  # llama.cpp's allowance on top of the model budget (the issue's protocol)
+# llama.cpp's logger thread outlives exit (ggml-org/llama.cpp#22142) and can lose the timing lines or crash the
+# process at exit under load: such a run (no timings, not killed for memory) is rerun at most this many times
+LLAMA_RERUNS = 2
 PROMPT = "The history of the city begins with a small settlement on the river, where traders met " * 3
 
 
@@ -30,6 +34,22 @@ def d2moe_cmd(store: Path, budget: int | None, policy: str, bits: int, tokens: i
     cmd = [sys.executable, "-m", "benchmarks.bench_child", "--model", str(store), "--policy", policy,
            "--bits", str(bits), "--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens), *extra]
     return cmd + (["--budget", str(budget)] if budget else [])
+
+
+def estimate_q8_0_bytes(hf: Path) -> int:
+    """The Q8_0 file's size without it (no peer): 34 bytes per 32 weights of every matrix, 4 per vector."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(Path(hf).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                total += n * 34 // 32 if len(shape) >= 2 else n * 4
+    return total
 
 
 def idle_overhead(store: Path) -> int:
@@ -53,7 +73,8 @@ def run_engine(name: str, cmd: list[str], limit: int, parse) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="bench8x", choices=["bench8x"])
+    ap.add_argument("--model", default="bench8x", choices=BENCH_MODELS,
+                    help="a benchmark model (benchmarks/models.py), built on first use")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25], help="budgets as fractions of Q8_0")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32)
@@ -63,20 +84,21 @@ def main(argv: list[str] | None = None) -> int:
                              "hobbit 8-bit", "d2moe 8-bit no-stall"],
                     help="'llama.cpp QUANT' or 'POLICY N-bit [no-stall]' (matryoshka-free equals d2moe at one "
                          "fixed width: it differs only when widths change)")
-    ap.add_argument("--out", default="results/bench_bench8x.json")
+    ap.add_argument("--out", default=None, help="default results/bench_MODEL.json")
     ap.add_argument("--no-timeline", dest="timeline", action="store_false", help="skip the timeline run")
     args = ap.parse_args(argv)
     why = available()
     if why:
         print(f"bench: needs memory cgroups ({why})", file=sys.stderr)
         return 2
-    from benchmarks.models import build_bench8x
+    from benchmarks.models import BUILDERS
 
-    model = build_bench8x()
+    out_path = args.out or f"results/bench_{args.model}.json"
+    model = BUILDERS[args.model]()
     peer = find_llamacpp()
     if peer is None or "Q8_0" not in model.gguf:
         print("bench: llama.cpp is not built (python -m benchmarks.llamacpp build): skipping the peer", file=sys.stderr)
-    q8_bytes = model.gguf["Q8_0"].stat().st_size if "Q8_0" in model.gguf else 767_700_000
+    q8_bytes = model.gguf["Q8_0"].stat().st_size if "Q8_0" in model.gguf else estimate_q8_0_bytes(model.hf)
     overhead = idle_overhead(model.store)
     print(f"bench: d2moe idle overhead {overhead / 2**20:.0f} MiB; Q8_0 file {q8_bytes / 2**20:.0f} MiB",
           file=sys.stderr)
@@ -98,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     cmd = completion_command(peer, model.gguf[quant], PROMPT, args.tokens)
                     res = run_engine(engine, cmd, budget + LLAMA_EXTRA, llama)
+                    failed = []
+                    while "decode_tokens_per_s" not in res and not res["killed"] and len(failed) < LLAMA_RERUNS:
+                        failed.append({k: res.get(k) for k in ("returncode", "seconds", "error")})
+                        print(f"bench: {engine}: no timings in its stderr (exit {res['returncode']}): rerun "
+                              f"{len(failed)}", file=sys.stderr)
+                        res = run_engine(engine, cmd, budget + LLAMA_EXTRA, llama)
+                    res.update(reruns=len(failed), failed_attempts=failed)
                 else:
                     policy, bits = engine.split()[0], int(engine.split()[1].split("-")[0])
                     extra = ["--no-stall"] if "no-stall" in engine else []
@@ -114,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = d2moe_cmd(model.store, int(q8_bytes * args.fractions[0]), "d2moe", 8, 8, args.prompt_tokens,
                         ["--timeline"])
         timeline = run_engine("d2moe timeline", cmd, int(q8_bytes * args.fractions[0]) + overhead, child)
-    out = write_result(args.out, "bench", {"model": args.model, "q8_bytes": q8_bytes,
+    out = write_result(out_path, "bench", {"model": args.model, "q8_bytes": q8_bytes,
                                            "d2moe_idle_overhead": overhead, "runs": rows, "summary": summary,
                                            "timeline": timeline})
     plot(out)
@@ -131,6 +160,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         mine = [r for r in rows if (r["fraction"], r["engine"]) == (frac, engine)]
         ok = [r for r in mine if r["returncode"] == 0]
         s = {"fraction": frac, "engine": engine, "runs": len(mine), "killed": sum(r["killed"] for r in mine)}
+        if any("reruns" in r for r in mine):
+            s["reruns"] = sum(r.get("reruns", 0) for r in mine)
         for k in ("decode_tokens_per_s", "prefill_tokens_per_s", "decode_bytes_read_per_token",
                   "decode_bytes_needed_per_token", "disk_busy_fraction", "compute_idle_fraction", "peak_bytes"):
             vals = [r[k] for r in ok if r.get(k) is not None]

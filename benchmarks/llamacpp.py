@@ -80,20 +80,28 @@ def build() -> LlamaCpp:
     return found
 
 
-def convert_gguf(peer: LlamaCpp, hf_dir: Path, out_dir: Path, quants: tuple[str, ...] = ("Q8_0", "Q4_0")) -> dict:
-    """HF checkpoint -> f16 GGUF -> quantized GGUFs (skipped when present); returns {type: path}."""
+def convert_gguf(peer: LlamaCpp, hf_dir: Path, out_dir: Path, quants: tuple[str, ...] = ("Q8_0", "Q4_0"),
+                 keep_f16: bool = True) -> dict:
+    """HF checkpoint -> f16 GGUF -> quantized GGUFs (skipped when present); returns {type: path}. With
+    `keep_f16=False` the f16 file is deleted once every quantized file exists (and not listed). Each file is
+    written under a temporary name and renamed, so an interrupted build is not taken for a finished one."""
     out_dir.mkdir(parents=True, exist_ok=True)
     f16 = out_dir / "model-f16.gguf"
-    if not f16.is_file():
-        subprocess.run([sys.executable, str(peer.converter), str(hf_dir), "--outfile", str(f16), "--outtype", "f16"],
+    paths = {q: out_dir / f"model-{q}.gguf" for q in quants}
+    if not f16.is_file() and (keep_f16 or not all(p.is_file() for p in paths.values())):
+        part = f16.with_suffix(".part")
+        subprocess.run([sys.executable, str(peer.converter), str(hf_dir), "--outfile", str(part), "--outtype", "f16"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    paths = {"F16": f16}
-    for q in quants:
-        path = out_dir / f"model-{q}.gguf"
+        part.rename(f16)
+    for q, path in paths.items():
         if not path.is_file():
-            subprocess.run([peer.tool("llama-quantize"), str(f16), str(path), q], check=True,
+            part = path.with_suffix(".part")
+            subprocess.run([peer.tool("llama-quantize"), str(f16), str(part), q], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        paths[q] = path
+            part.rename(path)
+    if keep_f16:
+        return {"F16": f16, **paths}
+    f16.unlink(missing_ok=True)
     return paths
 
 

@@ -5,8 +5,11 @@ a d2moe store and (when the llama.cpp peer is built) GGUF Q8_0 / Q4_0 files.
   equals dense SmolLM2 exactly); ~768 MB at Q8_0, ~169 MB of experts per token at INT8.
 - split8: a Mixtral whose 8 experts are slices of SmolLM2's FFN neurons, all taken by every token (equals
   dense SmolLM2 exactly); real, distinct expert weights for measuring width routing.
+- mixtral2k: a random Mixtral of realistic per-expert shape (hidden 2048, intermediate 5632, 16 heads / 8 kv
+  heads of 128, 8 experts, top-2, 4 layers; SmolLM2's tokenizer and vocabulary; bf16, ~2.7 GB): ~35 MB per
+  expert and ~277 MB of experts per layer at INT8, ~1.4 GB at Q8_0. Its text is noise (speed only).
 
-    python -m benchmarks.models bench8x|split8 [--force]
+    python -m benchmarks.models bench8x|split8|mixtral2k [--force]
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.checkpoints import build_smollm2_mixtral
+from benchmarks.checkpoints import build_random_mixtral, build_smollm2_mixtral
 from benchmarks.llamacpp import convert_gguf, find_llamacpp
 from d2moe.default_model.paths import d2moe_home
 
@@ -78,7 +81,30 @@ def build_split8(force: bool = False) -> BenchModel:
     return BenchModel("split8", hf, store, {})
 
 
-BUILDERS = {"bench8x": build_bench8x, "split8": build_split8}
+def build_mixtral2k(force: bool = False) -> BenchModel:
+    import torch
+
+    from d2moe.config import MWQConfig
+    from d2moe.convert.convert import convert
+
+    root = bench_dir() / "mixtral2k"
+    if force and root.exists():
+        shutil.rmtree(root)
+    hf = root / "hf"
+    if not (hf / "config.json").is_file():
+        print("models: building the mixtral2k checkpoint (random weights)", file=sys.stderr)
+        build_random_mixtral(hf, hidden=2048, intermediate=5632, layers=4, experts=8, top_k=2, seed=0)
+    store = root / "store-int8"
+    if not (store / "config.json").is_file():
+        print("models: converting mixtral2k to a d2moe store (int8 dense)", file=sys.stderr)
+        convert(hf, store, MWQConfig(), dense_dtype=torch.int8, overwrite=True)
+    peer = find_llamacpp()
+    # the 2.7 GB f16 GGUF is only a step towards the quantized files: not kept
+    gguf = convert_gguf(peer, hf, root / "gguf", keep_f16=False) if peer else {}
+    return BenchModel("mixtral2k", hf, store, gguf)
+
+
+BUILDERS = {"bench8x": build_bench8x, "split8": build_split8, "mixtral2k": build_mixtral2k}
 
 
 def main(argv: list[str] | None = None) -> int:
