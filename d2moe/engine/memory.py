@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 from d2moe.config import EngineConfig, ModelConfig
 from d2moe.cache.expert_cache import BudgetError
 from d2moe.models.layers import kv_cache_dims
+from d2moe.quant.kernels.cpu import DECODE_BLOCK, SMALL_T
 from d2moe.quant.pack import ExpertLayout
 from d2moe.util.sizes import format_size
 
 F32 = 4
-SMALL_T = 16  # the expert kernel's few-token path needs no decoded-matrix scratch (quant/kernels/cpu.py)
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
@@ -31,8 +31,8 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
 
 def scratch_bytes(cfg: ModelConfig, step_tokens: int, context: int, full_logits: bool) -> int:
     """Upper estimate of one step's live activations (fp32): residual stream and attention, attention
-    scores when materialised, the MoE block's per-expert activations, the logits, and for long steps the
-    expert matrices decoded to float for a GEMM."""
+    scores when materialised, the MoE block's per-expert activations, the logits, and for long steps two
+    blocks of expert rows decoded to float for a GEMM (gate and up)."""
     T, H = step_tokens, cfg.hidden_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     if cfg.attention == "mla":  # q, its latent-absorbed copy and the per-head outputs
@@ -44,7 +44,7 @@ def scratch_bytes(cfg: ModelConfig, step_tokens: int, context: int, full_logits:
     moe = T * ffn * F32
     inter = max(cfg.expert_intermediate, cfg.dense_intermediate)
     logits = (T if full_logits else 1) * cfg.vocab_size * F32 * 2  # logits + log-softmax
-    decoded = 3 * H * inter * F32 if T > SMALL_T else 0
+    decoded = 2 * min(H * inter, DECODE_BLOCK + max(H, inter)) * F32 if T > SMALL_T else 0
     return hidden + scores + moe + logits + decoded
 
 

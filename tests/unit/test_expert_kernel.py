@@ -93,6 +93,32 @@ def test_decode_equals_dequantize(kernel: CpuKernel) -> None:
             torch.testing.assert_close(kernel.decode(pm, bits), dequantize_packed(pm, bits), rtol=1e-6, atol=1e-7)
 
 
+def test_decode_rows_and_blocked_prefill(kernel: CpuKernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block of rows decodes to exactly those rows of the whole matrix; the many-token product decodes
+    blocks of rows (bounded scratch), so with tiny blocks it still equals the reference; bad ranges refuse."""
+    from d2moe.quant.kernels import cpu
+
+    layout, blob = _packed(96, 160, 32, "msb")
+    packed = unpack_expert(layout, blob, 6)
+    pm = packed["w1"]  # [160, 96]
+    whole = kernel.decode(pm, 6)
+    for a, b in ((0, 160), (7, 8), (33, 130), (159, 160), (5, 5)):
+        assert torch.equal(kernel.decode(pm, 6, (a, b)), whole[a:b])
+    for bad in ((-1, 3), (3, 161), (9, 8)):
+        with pytest.raises(ValueError):
+            kernel.decode(pm, 6, bad)
+    blocks = cpu.row_blocks(pm, 1000)  # 1000 weights: 10 rows of 96
+    assert blocks[0] == (0, 10) and blocks[-1] == (150, 160) and all(b == c for (_, b), (c, _) in zip(blocks, blocks[1:]))
+    assert cpu.row_blocks(pm, 10) == [(r, r + 1) for r in range(160)]  # at least one row per block
+    x = torch.randn(SMALL_T + 5, 96, generator=torch.Generator().manual_seed(4))
+    ref = expert_ffn_reference(x, packed, 6)
+    whole_y = expert_ffn(x, packed, 6, kernel)
+    monkeypatch.setattr(cpu, "DECODE_BLOCK", 2000)  # gate/up in blocks of 20 rows, down in blocks of 12
+    assert len(cpu.row_blocks(packed["w2"])) > 1
+    assert _rel(expert_ffn(x, packed, 6, kernel), ref) < TOL_FLOAT
+    assert _rel(whole_y, ref) < TOL_FLOAT
+
+
 @pytest.mark.parametrize("method", ["msb", "residual"])
 def test_two_threads_and_prefill(kernel: CpuKernel, method: str) -> None:
     """The OpenMP split (gate/up rows, barrier, down rows) and the decode + GEMM path for long prompts."""

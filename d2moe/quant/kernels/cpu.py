@@ -4,8 +4,8 @@ Decode (up to SMALL_T tokens): one C call runs the whole SwiGLU expert straight 
 weights stream once from the cache's compressed bytes and no float copy of the expert is made. The fastest
 kernels (msb up to 16 tokens, residual up to 3) quantize the activations to int16 per weight group: 2-3x
 faster, relative output error ~1e-4 per matrix (~4e-4 for a whole expert), well under the 8-bit weight
-error of ~5e-3; `exact=True` keeps float activations. Prefill (more tokens): the C kernel decodes each
-matrix to a float32 scratch and a BLAS GEMM does the rest. See mwq_cpu.cpp for the kernels.
+error of ~5e-3; `exact=True` keeps float activations. Prefill (more tokens): the C kernel decodes blocks of
+rows to a float32 scratch and a BLAS GEMM does the rest. See mwq_cpu.cpp for the kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from d2moe.quant.kernels.reference import expert_ffn_reference
 from d2moe.quant.mwq import check_bits
 from d2moe.quant.pack import PackedMatrix, dequantize_packed
 
+DECODE_BLOCK = 1 << 20  # weights decoded to float32 at a time for a many-token product (4 MiB scratch)
 SMALL_T = 16  # tokens up to which the fused register kernel beats decode + GEMM (benchmarks/kernels.py)
 _P = ctypes.c_void_p
 
@@ -70,12 +71,13 @@ class CpuKernel:
         vp, i32, i64 = _P, ctypes.c_int, ctypes.c_int64
         self.lib.mwq_matmul.argtypes = [vp, i32, vp, i64, vp, i32, i32]
         self.lib.mwq_decode.argtypes = [vp, i32, vp, i32]
+        self.lib.mwq_decode_rows.argtypes = [vp, i32, i64, i64, vp, i32]
         self.lib.mwq_experts_ffn.argtypes = [i32, vp, i32, vp, i64, vp, vp, vp, i32, i32]
         self.lib.mwq_invariant_tokens.argtypes = [vp, i32]
         self.lib.mwq_int8_linear.argtypes = [vp, vp, i64, i64, vp, i64, vp, i32]
         self.lib.mwq_rms_norm.argtypes = [vp, vp, i64, i64, ctypes.c_float, vp]
         self.lib.mwq_f16_linear.argtypes = [vp, i64, i64, vp, i64, vp, i32]
-        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_experts_ffn, self.lib.mwq_invariant_tokens,
+        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_decode_rows, self.lib.mwq_experts_ffn, self.lib.mwq_invariant_tokens,
                   self.lib.mwq_int8_linear, self.lib.mwq_rms_norm, self.lib.mwq_f16_linear):
             f.restype = i32
         object.__setattr__(self, "_avx512", bool(self.lib.mwq_has_avx512()))  # asked once, not per expert
@@ -133,13 +135,15 @@ class CpuKernel:
         m = _mat(pm)
         return int(self.lib.mwq_invariant_tokens(ctypes.byref(m), bits))
 
-    def decode(self, pm: PackedMatrix, bits: int) -> Tensor:
-        """W_bits as float32 [out, in] (same values as dequantize_packed, up to float rounding)."""
+    def decode(self, pm: PackedMatrix, bits: int, rows: tuple[int, int] | None = None) -> Tensor:
+        """W_bits as float32 [out, in], or its rows [a, b) (same values as dequantize_packed, up to float
+        rounding)."""
         check_bits(bits, pm.bits)
-        w = torch.empty(pm.out_features, pm.in_features, dtype=torch.float32)
+        a, b = rows if rows is not None else (0, pm.out_features)
+        w = torch.empty(max(b - a, 0), pm.in_features, dtype=torch.float32)
         m = _mat(pm)
-        if self.lib.mwq_decode(ctypes.byref(m), bits, w.data_ptr(), torch.get_num_threads()):
-            raise ValueError(f"{pm.name}: unsupported by the CPU kernel")
+        if self.lib.mwq_decode_rows(ctypes.byref(m), bits, a, b, w.data_ptr(), torch.get_num_threads()):
+            raise ValueError(f"{pm.name}: unsupported by the CPU kernel (or rows {a}:{b} out of range)")
         return w
 
     def experts_ffn(self, bits: int, mats: list[int], weights: Tensor, x: Tensor, inter: int,
@@ -206,7 +210,10 @@ class BoundExpert:
         if not self.fast:
             return F.linear(x, dequantize_packed(pm, self.bits))
         if x.shape[0] > self.small_t:
-            return F.linear(x, self.kernel.decode(pm, self.bits))
+            y = torch.empty(x.shape[0], pm.out_features, dtype=torch.float32)
+            for a, b in row_blocks(pm):
+                y[:, a:b] = F.linear(x, self.kernel.decode(pm, self.bits, (a, b)))
+            return y
         return self.kernel.matmul(x, pm, self.bits)
 
     @staticmethod
@@ -258,5 +265,19 @@ def expert_ffn(
         return expert_ffn_reference(x, packed, bits)
     if x.shape[0] <= small_t:
         return kernel.expert_ffn(x, packed, bits, exact)
-    w1, w3, w2 = (kernel.decode(pm, bits) for pm in mats)
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    hid = torch.empty(x.shape[0], i, dtype=torch.float32)
+    for a, b in row_blocks(mats[0]):  # gate and up rows of a block, then the down projection's row blocks
+        hid[:, a:b] = F.silu(F.linear(x, kernel.decode(mats[0], bits, (a, b)))) * F.linear(
+            x, kernel.decode(mats[1], bits, (a, b)))
+    y = torch.empty(x.shape[0], h, dtype=torch.float32)
+    for a, b in row_blocks(mats[2]):
+        y[:, a:b] = F.linear(hid, kernel.decode(mats[2], bits, (a, b)))
+    return y
+
+
+def row_blocks(pm: PackedMatrix, weights: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges of about `weights` weights each: a many-token product decodes one such block to float32
+    at a time, so its scratch is bounded (4 MiB) whatever the expert's size (a 2048 x 5632 expert decoded
+    whole needs 138 MiB, more than a quarter of a tight budget)."""
+    rows = max(1, (weights or DECODE_BLOCK) // pm.in_features)
+    return [(a, min(a + rows, pm.out_features)) for a in range(0, pm.out_features, rows)]

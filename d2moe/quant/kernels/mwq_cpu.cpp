@@ -190,21 +190,27 @@ int mwq_invariant_tokens(const MwqMat* m, int bits) {
     return t;
 }
 
-// W_bits as float32 [out, in] (for GEMM on large token counts).
-int mwq_decode(const MwqMat* m, int bits, float* w, int nthreads) {
-    if (!supported(*m, bits)) return -1;
+// Rows [r0, r1) of W_bits as float32 [r1 - r0, in] (for GEMM on large token counts, a block of rows at a
+// time so the float copy stays small whatever the matrix).
+int mwq_decode_rows(const MwqMat* m, int bits, int64_t r0, int64_t r1, float* w, int nthreads) {
+    if (!supported(*m, bits) || r0 < 0 || r1 > m->out || r0 > r1) return -1;
     const RowDecode decode = decode_for(bits);
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t G = m->in / m->group_size;
         std::vector<float> zc(G), coef(bits * G);
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m->out; ++r) {
+        for (int64_t r = r0; r < r1; ++r) {
             row_coefficients(*m, bits, r, zc.data(), coef.data());
-            decode(*m, r, zc.data(), coef.data(), w + r * m->in);
+            decode(*m, r, zc.data(), coef.data(), w + (r - r0) * m->in);
         }
     }
     return 0;
+}
+
+// W_bits as float32 [out, in].
+int mwq_decode(const MwqMat* m, int bits, float* w, int nthreads) {
+    return mwq_decode_rows(m, bits, 0, m->out, w, nthreads);
 }
 
 // n SwiGLU experts on the same T tokens, summed: y [T, H] = sum_e weights[e] * expert_e(x).
