@@ -262,3 +262,28 @@ def test_gptq_blobs_run_on_the_msb_kernels(kernel: CpuKernel) -> None:
             ref = expert_ffn_reference(x, packed, bits)
             tol = TOL_INT16 if t <= SMALL_T else TOL_FLOAT
             assert _rel(expert_ffn(x, packed, bits, kernel), ref) < tol, (bits, t)
+
+
+@pytest.mark.parametrize("shape", [(576, 192), (192, 576), (64, 1536)])
+def test_eight_row_gfni_kernel_equals_the_row_kernel(kernel: CpuKernel, shape: tuple[int, int]) -> None:
+    """Rows whose count is a multiple of 8 and whose width has a 64-column tail run 8 at a time (one stream of
+    512-column code blocks); slices of 4 rows take the one-row kernel. Same bits, every width and tile."""
+    import dataclasses
+
+    i, h = shape  # w1 [i, h] of an expert with hidden h, intermediate i
+    layout, blob = _packed(h, i, 64, "msb", seed=5)
+    g = torch.Generator().manual_seed(6)
+    for bits in (2, 5, 8):
+        pm = unpack_expert(layout, blob, bits)["w1"]
+
+        def rows(a: int, b: int) -> PackedMatrix:
+            cut = {f: getattr(pm, f)[a:b] for f in ("offset", "base_scale", "base")}
+            return dataclasses.replace(pm, out_features=b - a, **cut,
+                                       plane_scales=tuple(t[a:b] for t in pm.plane_scales),
+                                       planes=tuple(t[a:b] for t in pm.planes))
+
+        for t in (1, 3, 8, 13, 16):
+            x = torch.randn(t, h, generator=g)
+            whole = kernel.matmul(x, pm, bits)
+            pieces = torch.cat([kernel.matmul(x, rows(a, a + 4), bits) for a in range(0, i, 4)], dim=1)
+            assert torch.equal(whole, pieces), (bits, t)

@@ -108,29 +108,44 @@ struct RowWork {
     std::vector<float> zc, coef;
     RowDot tiles[9] = {};       // float register decode, per tile size
     RowDotI16 gfni[9] = {};     // msb GFNI kernel, per tile size
+    RowDotI16 gfni8[9] = {};    // the same, 8 rows at a time
     RowDotI16 masked[4] = {};   // masked int16 kernel, per token count 1..3
     RowWork(const MwqMat& mat, int b)
-        : m(mat), bits(b), zc(mat.in / mat.group_size), coef(b * (mat.in / mat.group_size)) {
+        : m(mat), bits(b), zc(8 * (mat.in / mat.group_size)), coef(8 * b * (mat.in / mat.group_size)) {
         for (int tt : {8, 4, 3, 2, 1}) {
             tiles[tt] = dot_for(bits, tt);
-            if (kGfniMaxTokens > 0) gfni[tt] = dot_gfni_for(bits, tt);
+            if (kGfniMaxTokens > 0) gfni[tt] = dot_gfni_for(bits, tt), gfni8[tt] = dot_gfni8_for(bits, tt);
         }
 #if defined(__AVX512F__) && defined(__AVX512BW__)
         for (int t = 1; t <= kI16MaxTokens; ++t)
             masked[t] = dot_i16_for(bits, t, is_msb(m, bits), m.group_size % 64 == 0 ? 2 : 1);
 #endif
     }
-    // y[t * ldy] = (W x_t)[r] for all T tokens
-    void dot(int64_t r, const float* x, int64_t ldx, int64_t T, float* y, int64_t ldy, const QuantX* qx) {
+    // Rows per call of dot(): 8 where the GFNI kernel reads 8 rows as one run (rows with a 64-column tail
+    // each, at most kRows8MaxIn columns, a multiple of 8 rows; fewer than 8 tokens: with a tile of 8 its
+    // registers spill and it is slower), else 1. The result is the same either way.
+    int64_t rows_per_call(int64_t T, const QuantX* qx) const {
+        const bool eight = qx != nullptr && T < 8 && int16_kind(m, bits, T) == 2 && m.in % 512 != 0 &&
+                           m.in <= kRows8MaxIn && m.out % 8 == 0;
+        return eight ? 8 : 1;
+    }
+    // y[t * ldy + i] = (W x_t)[r + i] for all T tokens and the `n` rows from r (n = rows_per_call).
+    void dot(int64_t r, const float* x, int64_t ldx, int64_t T, float* y, int64_t ldy, const QuantX* qx,
+             int64_t n = 1) {
         const int kind = qx != nullptr ? int16_kind(m, bits, T) : 0;
         if (kind == 2) {
-            row_coefficients(m, bits, r, zc.data(), coef.data(), /*s2_only=*/true);
+            const int64_t G = m.in / m.group_size;
+            for (int64_t i = 0; i < n; ++i)
+                row_coefficients(m, bits, r + i, zc.data() + i * G, coef.data() + i * G, /*s2_only=*/true);
             int64_t t = 0;
             for (int tt : {8, 4, 3, 2, 1})
                 for (; T - t >= tt; t += tt) {
-                    const QuantX qt{qx->x16 + t * m.in, qx->sx + t * (m.in / m.group_size),
-                                    qx->xs + t * (m.in / m.group_size)};
-                    gfni[tt](m, r, zc.data(), coef.data(), qt, y + t * ldy, ldy);
+                    const QuantX qt{qx->x16 + t * m.in, qx->sx + t * G, qx->xs + t * G};
+                    if (n == 8) {
+                        gfni8[tt](m, r, zc.data(), coef.data(), qt, y + t * ldy, ldy);
+                    } else {
+                        gfni[tt](m, r, zc.data(), coef.data(), qt, y + t * ldy, ldy);
+                    }
                 }
             return;
         }
@@ -174,8 +189,9 @@ int mwq_matmul(const MwqMat* m, int bits, const float* x, int64_t T, float* y, i
 #pragma omp parallel num_threads(nthreads)
     {
         RowWork work(*m, bits);
+        const int64_t n = work.rows_per_call(T, qx);
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < m->out; ++r) work.dot(r, x, m->in, T, y + r, m->out, qx);
+        for (int64_t b = 0; b < m->out / n; ++b) work.dot(b * n, x, m->in, T, y + b * n, m->out, qx, n);
     }
     return 0;
 }
@@ -242,14 +258,16 @@ int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, 
             g3.emplace_back(*mats[3 * e + 1], bits);
             g2.emplace_back(*mats[3 * e + 2], bits);
         }
-        std::vector<float> up(T), part(T);
+        std::vector<float> up(8 * T), part(8 * T);
+        const int64_t n1 = g1[0].rows_per_call(T, qx);  // rows per call: the same for every expert
 #pragma omp for schedule(static)
-        for (int64_t k = 0; k < n * I; ++k) {
-            const int64_t e = k / I, r = k % I;
+        for (int64_t k = 0; k < n * I / n1; ++k) {
+            const int64_t e = k / (I / n1), r = k % (I / n1) * n1;
             float* a = act + e * T * I;
-            g1[e].dot(r, x, H, T, a + r, I, qx);
-            g3[e].dot(r, x, H, T, up.data(), 1, qx);
-            for (int64_t t = 0; t < T; ++t) a[t * I + r] = silu(a[t * I + r]) * up[t];
+            g1[e].dot(r, x, H, T, a + r, I, qx, n1);
+            g3[e].dot(r, x, H, T, up.data(), n1, qx, n1);
+            for (int64_t i = 0; i < n1; ++i)
+                for (int64_t t = 0; t < T; ++t) a[t * I + r + i] = silu(a[t * I + r + i]) * up[t * n1 + i];
         }  // implicit barrier: every act complete
 #pragma omp for schedule(static)
         for (int e = 0; e < n; ++e)
@@ -258,16 +276,19 @@ int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, 
         // Expert-major: a thread streams one expert's planes at a time (interleaving all experts' rows
         // meant 8 planes x n experts of concurrent streams, and was slower at 8 bits). Static schedules of
         // equal loops give a thread the same rows for every e, so `nowait` is safe and y needs no atomics.
+        const int64_t n2 = g2[0].rows_per_call(T, qa[0]);
         for (int e = 0; e < n; ++e) {
 #pragma omp for schedule(static) nowait
-            for (int64_t r = 0; r < H; ++r) {
-                g2[e].dot(r, act + e * T * I, I, T, part.data(), 1, qa[e]);
-                for (int64_t t = 0; t < T; ++t) {
-                    // product rounded, then added (no fused multiply-add): the same bits as torch's
-                    // `y * w` then `index_add_`, so a lone decode row equals the batched step's grouping
-                    const volatile float prod = weights[e] * part[t];
-                    y[t * H + r] = (e ? y[t * H + r] : 0.f) + prod;
-                }
+            for (int64_t b = 0; b < H / n2; ++b) {
+                const int64_t r = b * n2;
+                g2[e].dot(r, act + e * T * I, I, T, part.data(), n2, qa[e], n2);
+                for (int64_t i = 0; i < n2; ++i)
+                    for (int64_t t = 0; t < T; ++t) {
+                        // product rounded, then added (no fused multiply-add): the same bits as torch's
+                        // `y * w` then `index_add_`, so a lone decode row equals the batched step's grouping
+                        const volatile float prod = weights[e] * part[t * n2 + i];
+                        y[t * H + r + i] = (e ? y[t * H + r + i] : 0.f) + prod;
+                    }
             }
         }
     }
