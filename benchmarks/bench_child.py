@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-stall", action="store_true")
     ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--loader-threads", type=int, default=1)
     ap.add_argument("--timeline", action="store_true", help="keep I/O and wait events of the decode phase")
     ap.add_argument("--idle", action="store_true", help="import everything, open nothing: the fixed overhead")
     args = ap.parse_args(argv)
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = EngineConfig(
         memory_budget=args.budget, context=len(ids) + args.tokens, step_tokens=len(ids), policy=args.policy,
         prefetch=not args.no_prefetch, max_wait=0.0 if args.no_stall else None, record_timeline=args.timeline,
+        loader_threads=args.loader_threads,
     )
     t_open = time.perf_counter()
     model = open_model(args.model, engine)

@@ -14,7 +14,7 @@ exactly the shapes that sequence has alone; the MoE block shares `moe.route_laye
 
 Batching invariance: a sequence's tokens must come out bit-identical whatever else shares the step. CPU
 kernels are row-invariant only within limits, measured here (2 cores, AVX-512, torch 2.13):
-- fp16 / bf16 `F.linear`: the same bits for a row at any row count;
+- fp16: d2moe's kernel (models/dense.py `float16_linear`), bf16 `F.linear`: the same bits for a row at any row count;
 - int8 `_weight_int8pack_mm`: the same bits up to KERNEL_MAX_TOKENS rows; beyond, a bf16 GEMM;
 - fp32 `F.linear` (MKL): a row's bits change with the row count, even from 1 to 2 rows;
 - the MWQ expert kernel: the same bits while the kernel kind does not change (`BoundExpert.invariant_tokens`,

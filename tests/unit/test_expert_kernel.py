@@ -108,7 +108,8 @@ def test_decode_rows_and_blocked_prefill(kernel: CpuKernel, monkeypatch: pytest.
         with pytest.raises(ValueError):
             kernel.decode(pm, 6, bad)
     blocks = cpu.row_blocks(pm, 1000)  # 1000 weights: 10 rows of 96
-    assert blocks[0] == (0, 10) and blocks[-1] == (150, 160) and all(b == c for (_, b), (c, _) in zip(blocks, blocks[1:]))
+    assert blocks[0] == (0, 10) and blocks[-1] == (150, 160)
+    assert all(b == c for (_, b), (c, _) in zip(blocks, blocks[1:]))
     assert cpu.row_blocks(pm, 10) == [(r, r + 1) for r in range(160)]  # at least one row per block
     x = torch.randn(SMALL_T + 5, 96, generator=torch.Generator().manual_seed(4))
     ref = expert_ffn_reference(x, packed, 6)

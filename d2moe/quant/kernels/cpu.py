@@ -77,8 +77,9 @@ class CpuKernel:
         self.lib.mwq_int8_linear.argtypes = [vp, vp, i64, i64, vp, i64, vp, i32]
         self.lib.mwq_rms_norm.argtypes = [vp, vp, i64, i64, ctypes.c_float, vp]
         self.lib.mwq_f16_linear.argtypes = [vp, i64, i64, vp, i64, vp, i32]
-        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_decode_rows, self.lib.mwq_experts_ffn, self.lib.mwq_invariant_tokens,
-                  self.lib.mwq_int8_linear, self.lib.mwq_rms_norm, self.lib.mwq_f16_linear):
+        for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_decode_rows, self.lib.mwq_experts_ffn,
+                  self.lib.mwq_invariant_tokens, self.lib.mwq_int8_linear, self.lib.mwq_rms_norm,
+                  self.lib.mwq_f16_linear):
             f.restype = i32
         object.__setattr__(self, "_avx512", bool(self.lib.mwq_has_avx512()))  # asked once, not per expert
 
