@@ -204,3 +204,23 @@ def test_prefill_warms_the_first_decode_layers(store, one_thread):
         assert issued > 0
         m.decoder.forward(torch.tensor([[PROMPT[-1]]]), cache, 8, last_only=True)
         assert first in m.provider.stats.predicted  # the warm-up's guess was scored against the real demand
+
+
+def test_unsure_guesses_read_only_their_base_ahead(store, one_thread):
+    """A prefetch reads a sure guess (rank right >= SURE_PREFETCH of the time) whole and an unsure one only
+    as its base: its planes wait for the layer to show whether the guess was right."""
+    from concurrent.futures import wait
+
+    from d2moe.cache.plane_cache import MIN_BITS
+
+    with open_model(store, EngineConfig(context=64, step_tokens=len(PROMPT))) as m:
+        p = m.provider
+        p.stats.rank_hits[1] = [1, 10]  # the second guess has been right 1 time in 10
+        layer = m.config.moe_layers[-1]
+        pos = p.pos[layer]
+        p.prefetch(layer, [(0, 8, 1), (1, 8, 1)])  # rank 0: expert 0, rank 1: expert 1
+        p._issue_prefetch()
+        while p.inflight:
+            wait(list(p.inflight.values()))
+            p._poll()
+        assert p.cache.held_bits(pos, 0) == 8 and p.cache.held_bits(pos, 1) == MIN_BITS
