@@ -291,9 +291,24 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, w: dict[st
                                 causal_mask(T, start, window, always=True, chunk=chunk))
     else:
         mask = causal_mask(T, start, window, chunk=chunk)
+        if T == 1 and mask is None and (out := _decode_kernel(q, keys, values, cfg)) is not None:
+            return out
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                              enable_gqa=nH != keys.shape[1], scale=cfg.softmax_scale or None)
     return out.transpose(1, 2).reshape(B, T, -1)
+
+
+def _decode_kernel(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cfg: ModelConfig) -> torch.Tensor | None:
+    """One new token per sequence that sees its whole cache: d2moe's decode-attention kernel (the batched
+    step's, models/ragged.py) instead of SDPA's per-call dispatch; None where it does not apply."""
+    kernel = load_kernel()
+    if kernel is None or keys.dtype != torch.float32 or q.dtype != torch.float32:
+        return None
+    B = q.shape[0]
+    lengths = torch.full((B,), keys.shape[2], dtype=torch.int64)
+    out = kernel.decode_attention(q[:, 0].contiguous(), keys, values, torch.arange(B), lengths,
+                                  cfg.softmax_scale or q.shape[-1] ** -0.5)
+    return None if out is None else out.reshape(B, 1, -1)
 
 
 def attention(

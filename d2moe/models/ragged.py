@@ -52,6 +52,7 @@ from d2moe.models.layers import (
     swiglu,
 )
 from d2moe.models.mla import mla_attend, mla_rows, up_projection
+from d2moe.quant.kernels.cpu import load_kernel
 from d2moe.models.moe import (
     Routing,
     WidthRule,
@@ -231,6 +232,29 @@ def attend_decode_padded(q: torch.Tensor, pool: KVPool, layer: int, plan: StepPl
     return torch.cat(parts)
 
 
+def attend_decode_kernel(q: torch.Tensor, pool: KVPool, layer: int, plan: StepPlan, scale: float,
+                         core: Core | None = None) -> torch.Tensor | None:
+    """Layers whose decode attention is plain (no sinks, window or chunk): every decode row in one call of
+    d2moe's decode-attention kernel over each row's own slot and length (no copies; a row's result does not
+    depend on the others, so batch-invariant), prefill segments as in the reference. None where the kernel
+    does not apply (no build, head dims % 16 != 0, non-fp32 cache): the caller takes the reference."""
+    d = plan.decode_rows
+    kernel = load_kernel() if d else None
+    if kernel is None or pool.k[layer].dtype != torch.float32:
+        return None
+    dec = plan.segments[:d]
+    slots = torch.tensor([s.slot for s in dec], dtype=torch.int64)
+    lengths = torch.tensor([s.start + 1 for s in dec], dtype=torch.int64)
+    o = kernel.decode_attention(q[:d].contiguous(), pool.k[layer], pool.v[layer], slots, lengths, scale)
+    if o is None:
+        return None
+    rest = StepPlan(tuple(Segment(s.slot, s.start, s.row - d, s.length, False) for s in plan.segments[d:]))
+    parts = [o.reshape(d, -1)]
+    if rest.segments:
+        parts.append(attend_per_sequence(q[d:], pool, layer, rest, core=core))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def ragged_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, rope, pool: KVPool, layer: int,
                      plan: StepPlan, positions: torch.Tensor, slots: torch.Tensor,
                      padded: bool = False) -> torch.Tensor:
@@ -245,9 +269,12 @@ def ragged_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, ro
         return attend(qs, keys, values, w, prefix, cfg, start, layer)
 
     plain_decode = not (cfg.attention_sinks or layer in cfg.sliding_layers or layer in cfg.chunked_layers)
+    out = None
     if padded and plain_decode:
         out = attend_decode_padded(q[0], pool, layer, plan, core=core, scale=cfg.softmax_scale or None)
-    else:
+    elif plain_decode:
+        out = attend_decode_kernel(q[0], pool, layer, plan, cfg.softmax_scale or q.shape[-1] ** -0.5, core)
+    if out is None:
         out = attend_per_sequence(q[0], pool, layer, plan, core=core)
     return plan.linear(out[None], w[prefix + "wo"], w.get(prefix + "bo"))
 

@@ -77,9 +77,11 @@ class CpuKernel:
         self.lib.mwq_int8_linear.argtypes = [vp, vp, i64, i64, vp, i64, vp, i32]
         self.lib.mwq_rms_norm.argtypes = [vp, vp, i64, i64, ctypes.c_float, vp]
         self.lib.mwq_f16_linear.argtypes = [vp, i64, i64, vp, i64, vp, i32]
+        self.lib.mwq_decode_attention.argtypes = [vp, i64, i64, i64, i64, i64, vp, i64, i64, vp, i64, i64, vp, vp,
+                                                  ctypes.c_float, vp, i32]
         for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_decode_rows, self.lib.mwq_experts_ffn,
                   self.lib.mwq_invariant_tokens, self.lib.mwq_int8_linear, self.lib.mwq_rms_norm,
-                  self.lib.mwq_f16_linear):
+                  self.lib.mwq_f16_linear, self.lib.mwq_decode_attention):
             f.restype = i32
         object.__setattr__(self, "_avx512", bool(self.lib.mwq_has_avx512()))  # asked once, not per expert
 
@@ -122,6 +124,23 @@ class CpuKernel:
         rc = self.lib.mwq_f16_linear(w.data_ptr(), N, K, x.data_ptr(), x.shape[0], y.data_ptr(),
                                      torch.get_num_threads())
         return None if rc else y
+
+    def decode_attention(self, q: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lengths: Tensor,
+                         scale: float) -> Tensor | None:
+        """One query per sequence against its cached keys/values, all in one call: q [n, nH, Dk] fp32
+        (contiguous); keys [slots, nKV, max_len, Dk] and values [.., Dv] fp32 with contiguous rows (views
+        of a cache are fine); slots, lengths int64 [n] -> [n, nH, Dv]. None where this build or shape has
+        no kernel (the caller keeps SDPA)."""
+        n, nH, Dk = q.shape
+        nKV, Dv = keys.shape[1], values.shape[3]
+        if keys.stride(3) != 1 or values.stride(3) != 1 or keys.stride(2) != Dk or values.stride(2) != Dv:
+            return None
+        out = torch.empty(n, nH, Dv, dtype=torch.float32)
+        rc = self.lib.mwq_decode_attention(
+            q.data_ptr(), n, nH, nKV, Dk, Dv, keys.data_ptr(), keys.stride(0), keys.stride(1), values.data_ptr(),
+            values.stride(0), values.stride(1), slots.data_ptr(), lengths.data_ptr(), scale, out.data_ptr(),
+            torch.get_num_threads())
+        return None if rc else out
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """RMSNorm of contiguous fp32 x [..., H] with fp32 weight [H] in one call (the sum of squares in

@@ -24,13 +24,14 @@
 //
 // Files: mwq_common.h (view, coefficients, int16 activations), mwq_float.h (float kernels), mwq_int16.h
 // (int16 kernels), mwq_int8_dense.h (per-row int8 dense matrices), mwq_f16_dense.h (fp16 dense
-// matrices), this file (dispatch, threading, C API).
+// matrices), mwq_attention.h (decode attention), this file (dispatch, threading, C API).
 
 #include "mwq_common.h"
 #include "mwq_float.h"
 #include "mwq_int16.h"
 #include "mwq_int8_dense.h"
 #include "mwq_f16_dense.h"
+#include "mwq_attention.h"
 
 namespace {
 
@@ -367,6 +368,36 @@ int mwq_f16_linear(const uint16_t* w, int64_t N, int64_t K, const float* x, int6
     return 0;
 #else
     (void)w, (void)N, (void)K, (void)x, (void)T, (void)y, (void)nthreads;
+    return -1;
+#endif
+}
+
+// Decode attention (mwq_attention.h): n queries q [n, nH, Dk], query i of sequence slots[i] with lengths[i]
+// cached positions; keys of (slot, kv head) at k + slot * k_slot + head * k_head, rows of Dk floats (values
+// likewise with Dv). out [n, nH, Dv]. Returns -1 where this build has no kernel or Dk, Dv % 16 != 0.
+int mwq_decode_attention(const float* q, int64_t n, int64_t nH, int64_t nKV, int64_t Dk, int64_t Dv,
+                         const float* k, int64_t k_slot, int64_t k_head, const float* v, int64_t v_slot,
+                         int64_t v_head, const int64_t* slots, const int64_t* lengths, float scale, float* out,
+                         int nthreads) {
+#if defined(__AVX512F__)
+    if (Dk % 16 != 0 || Dv % 16 != 0 || nKV <= 0 || nH % nKV != 0) return -1;
+    int64_t longest = 0;
+    for (int64_t i = 0; i < n; ++i) longest = lengths[i] > longest ? lengths[i] : longest;
+    const int64_t group = nH / nKV;
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> scores(longest + 16);
+#pragma omp for schedule(static)
+        for (int64_t w = 0; w < n * nH; ++w) {
+            const int64_t i = w / nH, h = w % nH, kv = h / group;
+            attend_one(q + w * Dk, k + slots[i] * k_slot + kv * k_head, v + slots[i] * v_slot + kv * v_head,
+                       lengths[i], Dk, Dv, scale, scores.data(), out + w * Dv);
+        }
+    }
+    return 0;
+#else
+    (void)q, (void)n, (void)nH, (void)nKV, (void)Dk, (void)Dv, (void)k, (void)k_slot, (void)k_head, (void)v;
+    (void)v_slot, (void)v_head, (void)slots, (void)lengths, (void)scale, (void)out, (void)nthreads;
     return -1;
 #endif
 }
