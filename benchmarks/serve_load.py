@@ -4,6 +4,10 @@ get a 4xx and every good one must still finish).
 
     python -m benchmarks.serve_load [--model PATH] [--concurrency 1 4 16 32] [--requests-per-client 2]
                                     [--max-tokens 32] [--max-batch 16] [--threads 2] [--out results/serve_load.json]
+
+Soak (`--soak 2000 --memory-budget SIZE`): that many requests from 32 clients with mixed tiers, each client
+sending its next request as soon as the last one ends; counts 5xx answers, transport errors and hangs (no
+answer within --request-timeout), and the server's peak RSS against its memory budget.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -64,9 +69,12 @@ class PeakRss(threading.Thread):
             time.sleep(0.05)
 
 
-async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dict:
+TIERS = [None, "high", "balanced", "fast"]  # the soak's requests cycle through these (None: fixed 8 bits)
+
+
+async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int, tier: str | None = None) -> dict:
     body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+            "temperature": 0, "stream": True, **({"tier": tier} if tier else {})}
     t0 = time.perf_counter()
     stamps: list[float] = []
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -114,6 +122,30 @@ async def level(base: str, concurrency: int, per_client: int, max_tokens: int) -
     }
 
 
+async def soak(base: str, clients: int, total: int, max_tokens: int, timeout: float) -> dict:
+    """`total` requests from `clients` clients, each sending its next as soon as the last one ended."""
+    statuses: Counter = Counter()
+    failures: Counter = Counter()  # transport errors and hangs, by kind
+    next_id = iter(range(total))
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=timeout) as client:
+        async def worker() -> None:
+            for i in next_id:
+                try:
+                    r = await asyncio.wait_for(one_request(client, i, max_tokens, TIERS[i % len(TIERS)]), timeout)
+                    statuses[r["status"]] += 1
+                except (asyncio.TimeoutError, httpx.TimeoutException):
+                    failures["hang"] += 1
+                except httpx.HTTPError as e:
+                    failures[type(e).__name__] += 1
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return {"requests": total, "clients": clients, "max_tokens": max_tokens,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "server_errors_5xx": sum(v for k, v in statuses.items() if k >= 500), "failures": dict(failures)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="load test of d2moe serve")
     ap.add_argument("--model", default=str(default_model_dir()))
@@ -123,11 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--out", default="results/serve_load.json")
+    ap.add_argument("--soak", type=int, default=0, help="instead of the levels: this many requests from 32 clients")
+    ap.add_argument("--memory-budget", default=None, help="the server's --memory-budget")
+    ap.add_argument("--request-timeout", type=float, default=300.0, help="a request unanswered this long is a hang")
+    ap.add_argument("--out", default=None, help="default results/serve_load.json (--soak: results/serve_soak.json)")
     args = ap.parse_args(argv)
+    out_path = args.out or ("results/serve_soak.json" if args.soak else "results/serve_load.json")
     port = free_port()
     cmd = [sys.executable, "-m", "d2moe.cli", "serve", "--model", args.model, "--port", str(port), "--threads",
            str(args.threads), "--max-batch", str(args.max_batch), "--context", str(args.context)]
+    cmd += ["--memory-budget", args.memory_budget] if args.memory_budget else []
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -140,6 +177,18 @@ def main(argv: list[str] | None = None) -> int:
         rss = PeakRss(proc.pid)
         rss.start()
         idle = rss.peak
+        if args.soak:
+            res = asyncio.run(soak(base, 32, args.soak, args.max_tokens, args.request_timeout))
+            health = httpx.get(base + "/health", timeout=10).status_code
+            rss.stop.set()
+            res.update(peak_rss_bytes=rss.peak, rss_at_start_bytes=idle, memory_budget=args.memory_budget,
+                       healthy_after=health == 200, threads=args.threads, context=args.context)
+            print(f"soak: {res['requests']} requests from 32 clients in {res['wall_s']} s: statuses {res['statuses']}, "
+                  f"5xx {res['server_errors_5xx']}, failures {res['failures'] or 'none'}, healthy after: "
+                  f"{res['healthy_after']}, peak RSS {rss.peak / 2**20:.0f} MiB (at start {idle / 2**20:.0f} MiB, "
+                  f"budget {args.memory_budget})")
+            write_result(out_path, "serve_soak", res)
+            return 0
         levels = []
         for c in args.concurrency:
             res = asyncio.run(level(base, c, args.requests_per_client, args.max_tokens))
@@ -153,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                   "levels": levels, "peak_rss_bytes": rss.peak, "rss_at_start_bytes": idle,
                   "metrics": [ln for ln in metrics.splitlines() if ln and not ln.startswith("#")]}
         print(f"server peak RSS {rss.peak / 2**20:.0f} MiB")
-        write_result(args.out, "serve_load", result)
+        write_result(out_path, "serve_load", result)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
