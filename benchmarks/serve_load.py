@@ -57,15 +57,17 @@ class PeakRss(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.peak, self.stop = pid, 0, threading.Event()
 
+    def rss(self) -> int:
+        """The process's resident set now (0 once it is gone)."""
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            return 0
+
     def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                with open(f"/proc/{self.pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
-            except OSError:
-                return
+        while not self.stop.is_set() and (now := self.rss()):
+            self.peak = max(self.peak, now)
             time.sleep(0.05)
 
 
@@ -122,13 +124,14 @@ async def level(base: str, concurrency: int, per_client: int, max_tokens: int) -
     }
 
 
-async def soak(base: str, clients: int, total: int, max_tokens: int, timeout: float) -> dict:
+async def soak(base: str, clients: int, total: int, max_tokens: int, timeout: float,
+               transport: httpx.AsyncBaseTransport | None = None) -> dict:
     """`total` requests from `clients` clients, each sending its next as soon as the last one ended."""
     statuses: Counter = Counter()
     failures: Counter = Counter()  # transport errors and hangs, by kind
     next_id = iter(range(total))
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=base, timeout=timeout) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=timeout, transport=transport) as client:
         async def worker() -> None:
             for i in next_id:
                 try:
@@ -175,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             except httpx.HTTPError:
                 time.sleep(0.2)
         rss = PeakRss(proc.pid)
+        idle = rss.rss()  # ready and idle: the model opened, no request yet
         rss.start()
-        idle = rss.peak
         if args.soak:
             res = asyncio.run(soak(base, 32, args.soak, args.max_tokens, args.request_timeout))
             health = httpx.get(base + "/health", timeout=10).status_code

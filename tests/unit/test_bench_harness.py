@@ -61,3 +61,28 @@ def test_minimum_budget_holds_under_a_memory_cgroup(tiny_checkpoints, tmp_path):
                     idle + minimum + 8 * 2**20, name="test-min", cold=False, cwd=root)
     assert r.returncode == 0 and not r.killed_for_memory, r.stderr[-500:]
     assert len(json.loads(r.stdout)["tokens"]) == 8
+
+
+def test_soak_counts_statuses_server_errors_and_hangs():
+    """The serve soak's bookkeeping on a fake server: answers, 5xx and requests that never answer."""
+    import asyncio
+    import json
+
+    import httpx
+
+    from benchmarks.serve_load import soak
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        kind = body["messages"][0]["content"]
+        if "RAID" in kind:  # prompt 3 of 8: never answers
+            await asyncio.sleep(5)
+        if "Hamlet" in kind:  # prompt 4: a server error
+            return httpx.Response(500, json={"error": {"message": "boom"}})
+        chunk = {"choices": [{"delta": {"content": "hi"}}]}
+        return httpx.Response(200, text=f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n")
+
+    res = asyncio.run(soak("http://test", clients=4, total=16, max_tokens=2, timeout=0.3,
+                           transport=httpx.MockTransport(handler)))
+    assert res["statuses"] == {"200": 12, "500": 2} and res["server_errors_5xx"] == 2
+    assert res["failures"] == {"hang": 2} and res["requests"] == 16
