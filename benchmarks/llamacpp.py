@@ -22,6 +22,7 @@ from d2moe.default_model.paths import d2moe_home
 
 VERSION = "0.3.36"
 TARGETS = ("llama-bench", "llama-completion", "llama-quantize")
+SERVER = "llama-server"  # built on demand (`build-server`): only benchmarks/serve_peer.py needs it
 
 
 def peers_dir() -> Path:
@@ -118,6 +119,17 @@ def parse_timings(stderr: str) -> dict:
     return out
 
 
+def build_server() -> Path:
+    """Build llama-server into the peer's build directory (after `build`); returns its path."""
+    peer = build()
+    path = peer.bin / SERVER
+    if not path.is_file():
+        print(f"llamacpp: building {SERVER} (minutes)", file=sys.stderr)
+        subprocess.run(["cmake", "--build", str(peer.root / "build"), "-j2", "--target", SERVER], check=True,
+                       stdout=subprocess.DEVNULL)
+    return path
+
+
 def completion_command(peer: LlamaCpp, gguf: Path, prompt: str, tokens: int, threads: int = 2) -> list[str]:
     """A greedy completion that reports its timings (llama-completion, no conversation mode)."""
     return [peer.tool("llama-completion"), "-m", str(gguf), "-p", prompt, "-n", str(tokens), "-t", str(threads),
@@ -128,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="build and use the llama.cpp peer (benchmarks only)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build")
+    sub.add_parser("build-server")
     g = sub.add_parser("gguf")
     g.add_argument("hf_dir")
     g.add_argument("out_dir")
     args = ap.parse_args(argv)
     if args.cmd == "build":
         print(build().root)
+    elif args.cmd == "build-server":
+        print(build_server())
     else:
         peer = find_llamacpp()
         if peer is None:
