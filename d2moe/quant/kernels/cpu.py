@@ -44,6 +44,24 @@ class _MwqMat(ctypes.Structure):
     ]
 
 
+class WidthRuleLayer(ctypes.Structure):
+    """Mirror of `struct WidthRuleLayer` in mwq_cpu.cpp: one width-router layer's tensors, built once
+    (`width_rule_layer`); the tensors must outlive it (the caller keeps them)."""
+
+    _fields_ = [("A", _P), ("M", _P), ("C", _P), ("v", _P), ("frac", _P), ("widths", _P), ("H", ctypes.c_int64),
+                ("r", ctypes.c_int64), ("E", ctypes.c_int64), ("W", ctypes.c_int64)]
+
+
+def width_rule_layer(A: Tensor, M: Tensor, C: Tensor, v: Tensor, frac: Tensor, widths: Tensor) -> WidthRuleLayer:
+    """A [H, r], M [r, E*W], C [E, W], v [W] fp32 contiguous; frac [W] float64; widths [W] int64."""
+    (H, r), (E, W) = A.shape, C.shape
+    ok = all(t.is_contiguous() and t.dtype == torch.float32 for t in (A, M, C, v))
+    if not ok or frac.dtype != torch.float64 or widths.dtype != torch.int64 or tuple(M.shape) != (r, E * W):
+        raise ValueError("width_rule_layer: A, M, C, v contiguous fp32, frac float64, widths int64, M [r, E*W]")
+    return WidthRuleLayer(A.data_ptr(), M.data_ptr(), C.data_ptr(), v.data_ptr(), frac.data_ptr(),
+                          widths.data_ptr(), H, r, E, W)
+
+
 def _mat(pm: PackedMatrix) -> _MwqMat:
     ptrs = pm.data_ptrs
     n_scales = len(pm.plane_scales)
@@ -77,11 +95,12 @@ class CpuKernel:
         self.lib.mwq_int8_linear.argtypes = [vp, vp, i64, i64, vp, i64, vp, i32]
         self.lib.mwq_rms_norm.argtypes = [vp, vp, i64, i64, ctypes.c_float, vp]
         self.lib.mwq_f16_linear.argtypes = [vp, i64, i64, vp, i64, vp, i32]
+        self.lib.mwq_width_rule.argtypes = [vp, vp, vp, vp, i64, ctypes.c_double, i64, vp]
         self.lib.mwq_decode_attention.argtypes = [vp, i64, i64, i64, i64, i64, vp, i64, i64, vp, i64, i64, vp, vp,
                                                   ctypes.c_float, vp, i32]
         for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_decode_rows, self.lib.mwq_experts_ffn,
                   self.lib.mwq_invariant_tokens, self.lib.mwq_int8_linear, self.lib.mwq_rms_norm,
-                  self.lib.mwq_f16_linear, self.lib.mwq_decode_attention):
+                  self.lib.mwq_f16_linear, self.lib.mwq_decode_attention, self.lib.mwq_width_rule):
             f.restype = i32
         object.__setattr__(self, "_avx512", bool(self.lib.mwq_has_avx512()))  # asked once, not per expert
 
@@ -141,6 +160,16 @@ class CpuKernel:
             values.stride(0), values.stride(1), slots.data_ptr(), lengths.data_ptr(), scale, out.data_ptr(),
             torch.get_num_threads())
         return None if rc else out
+
+    def width_rule(self, layer: WidthRuleLayer, x: Tensor, idx: list[int], weight: list[float], price: float,
+                   cap: int) -> list[int] | None:
+        """Router two's widths for one token in one call (`WidthRouter.one_token`): x [H] fp32 contiguous;
+        `layer` from `width_rule_layer`. None if refused (rank > 256, an expert index out of range)."""
+        k = len(idx)
+        out = (ctypes.c_int64 * k)()
+        rc = self.lib.mwq_width_rule(ctypes.byref(layer), x.data_ptr(), (ctypes.c_int64 * k)(*idx),
+                                     (ctypes.c_double * k)(*weight), k, price, cap, out)
+        return None if rc else list(out)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """RMSNorm of contiguous fp32 x [..., H] with fp32 weight [H] in one call (the sum of squares in

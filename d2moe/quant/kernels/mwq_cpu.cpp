@@ -402,4 +402,44 @@ int mwq_decode_attention(const float* q, int64_t n, int64_t nH, int64_t nKV, int
 #endif
 }
 
+// Router two's widths for one decode token (routing/width_router.py `WidthRouter.one_token`, whose Python
+// loop `one_token_reference` this is): z = x A (A [H, r]); per chosen expert e with gate weight g, for each
+// width j < W-1 c_j = exp(z . M[:, e*W + j] + C[e, j] + g v[j]) + price frac[j] (M = B as [r, E*W]),
+// c_{W-1} = price frac[W-1]; the first smallest c wins; out = min(widths[j*], cap). Costs in double, as
+// Python's floats. One layer's tensors come as a struct built once (a ctypes call costs ~0.1 us an argument).
+struct WidthRuleLayer {
+    const float* A;
+    const float* M;
+    const float* C;
+    const float* v;
+    const double* frac;
+    const int64_t* widths;
+    int64_t H, r, E, W;
+};
+
+int mwq_width_rule(const WidthRuleLayer* L, const float* x, const int64_t* idx, const double* weight, int64_t k,
+                   double price, int64_t cap, int64_t* out) {
+    const int64_t H = L->H, r = L->r, E = L->E, W = L->W;
+    if (r > 256 || W < 1) return -1;
+    float z[256] = {};
+    for (int64_t h = 0; h < H; ++h)
+        for (int64_t q = 0; q < r; ++q) z[q] += x[h] * L->A[h * r + q];
+    const double last = price * L->frac[W - 1];
+    for (int64_t i = 0; i < k; ++i) {
+        const int64_t e = idx[i];
+        if (e < 0 || e >= E) return -2;
+        double best = last;
+        int64_t choice = W - 1;
+        for (int64_t j = 0; j + 1 < W; ++j) {
+            float row = 0.f;
+            for (int64_t q = 0; q < r; ++q) row += z[q] * L->M[q * E * W + e * W + j];
+            const double t = (double)row + (double)L->C[e * W + j] + weight[i] * (double)L->v[j];
+            const double c = std::exp(t) + price * L->frac[j];
+            if (c < best || (c == best && j < choice)) best = c, choice = j;
+        }
+        out[i] = L->widths[choice] < cap ? L->widths[choice] : cap;
+    }
+    return 0;
+}
+
 }  // extern "C"
