@@ -39,7 +39,9 @@ def scratch_bytes(cfg: ModelConfig, step_tokens: int, context: int, full_logits:
         qkv = cfg.num_heads * (cfg.head_dim + 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.value_dim)
     hidden = T * (6 * H + 2 * qkv) * F32
     scores = T * context * cfg.num_heads * F32 if T > 1 else 0
-    ffn = max(cfg.top_k * 2 * cfg.expert_intermediate + 2 * H, 3 * cfg.dense_intermediate,
+    # routed: per (token, expert) its gathered input and weighted output (moe.grouped_experts) and the gate
+    # and up activations; the block's input and output
+    ffn = max(cfg.top_k * 2 * (cfg.expert_intermediate + H) + 2 * H, 3 * cfg.dense_intermediate,
               3 * cfg.shared_expert_intermediate)
     moe = T * ffn * F32
     inter = max(cfg.expert_intermediate, cfg.dense_intermediate)

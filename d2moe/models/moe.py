@@ -9,6 +9,7 @@ Pipeline for T tokens of one layer:
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -149,34 +150,32 @@ def grouped_experts(
     keys = (routing.idx * 16 + bits).reshape(-1)  # [T*k] one key per (expert, bits); bits 0: skipped
     order = torch.argsort(keys, stable=True)  # grouped by key, tokens ascending inside a group
     unique_keys, counts = torch.unique_consecutive(keys[order], return_counts=True)
-    groups: dict[int, torch.Tensor] = {}  # key -> flat (token, rank) indices choosing it
+    tokens = torch.div(order, k, rounding_mode="floor")  # the token of each sorted (token, rank)
+    groups: dict[int, tuple[int, int]] = {}  # key -> its [start, stop) in the sorted order
     start = 0
     for key, n in zip(unique_keys.tolist(), counts.tolist()):
-        groups[key] = order[start : start + n]
+        groups[key] = (start, start + n)
         start += n
-    demands = [(key // 16, key % 16, len(sel)) for key, sel in groups.items() if key % 16]
-    flat_weight = routing.weight.reshape(-1)
-    bounds = None if chunk_starts is None else torch.tensor([*chunk_starts, T])
-    parts: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    demands = [(key // 16, key % 16, b - a) for key, (a, b) in groups.items() if key % 16]
+    # every piece reads a slice of these (one gather each, not one per piece) and writes a slice of ys
+    xs, ws = xf[tokens], routing.weight.reshape(-1)[order, None]
+    ys = torch.zeros_like(xs)  # skipped rows stay 0
+    tok = tokens.tolist() if chunk_starts is not None else []
+    ends = None if chunk_starts is None else [*chunk_starts, T]
     for batch in provider.experts(layer, demands):
         for expert, b, fn in batch:
-            key = expert * 16 + b
-            sel = groups[key]
-            tokens = torch.div(sel, k, rounding_mode="floor")  # ascending
-            if bounds is None:
-                spans = [(0, len(sel))]
+            a0, a1 = groups[expert * 16 + b]
+            if ends is None:
+                spans = [(a0, a1)]
             else:
-                cuts = torch.searchsorted(tokens, bounds).tolist()  # decode rows end at cuts[0]
+                cuts = [bisect_left(tok, c, a0, a1) for c in ends]  # decode rows end at cuts[0]
                 piece = getattr(fn, "invariant_tokens", 1)
-                spans = [(a, min(a + piece, cuts[0])) for a in range(0, cuts[0], piece)]
+                spans = [(a, min(a + piece, cuts[0])) for a in range(a0, cuts[0], piece)]
                 spans += [(a, e) for a, e in zip(cuts, cuts[1:]) if e > a]
             for a, e in spans:
-                t = tokens[a:e]
-                parts.append((key, t, weighted_expert(expert, fn, xf[t], flat_weight[sel[a:e], None], runner, cfg)))
-    out = torch.zeros_like(xf)
-    for _, t, y in sorted(parts, key=lambda p: p[0]):  # stable: pieces of one key keep their order
-        out.index_add_(0, t, y)
-    return out
+                ys[a:e] = weighted_expert(expert, fn, xs[a:e], ws[a:e], runner, cfg)
+    # one index_add_ in the sorted order: each token's experts added in (expert, bits) order, as `_one_row`
+    return torch.zeros_like(xf).index_add_(0, tokens, ys)
 
 
 def _one_row(xf: torch.Tensor, routing: Routing, bits: torch.Tensor, layer: int,
