@@ -38,70 +38,47 @@ def bench_dir() -> Path:
     return d2moe_home() / "bench"
 
 
-def build_bench8x(force: bool = False, dense_dtype: str = "int8") -> BenchModel:
+def _build(name: str, make_hf, force: bool, dense_dtype: str, store_name: str, gguf: bool = True,
+           keep_f16: bool = True) -> BenchModel:
+    """The steps every benchmark model shares, each skipped when its output exists: the HF checkpoint
+    (`make_hf(dir)`), a d2moe store with `dense_dtype` dense matrices, and the peer's GGUF files."""
     import torch
 
     from d2moe.config import MWQConfig
     from d2moe.convert.convert import convert
 
-    root = bench_dir() / "bench8x"
+    root = bench_dir() / name
     if force and root.exists():
         shutil.rmtree(root)
     hf = root / "hf"
     if not (hf / "config.json").is_file():
-        print("models: building the bench8x checkpoint", file=sys.stderr)
-        build_smollm2_mixtral(hf, num_experts=8, top_k=2)
-    store = root / f"store-{dense_dtype}"
+        print(f"models: building the {name} checkpoint", file=sys.stderr)
+        make_hf(hf)
+    store = root / store_name
     if not (store / "config.json").is_file():
-        print(f"models: converting bench8x to a d2moe store ({dense_dtype} dense)", file=sys.stderr)
+        print(f"models: converting {name} to a d2moe store ({dense_dtype} dense)", file=sys.stderr)
         dtype = {"int8": torch.int8, "float16": torch.float16}[dense_dtype]
         convert(hf, store, MWQConfig(), dense_dtype=dtype, overwrite=True)
-    peer = find_llamacpp()
-    gguf = convert_gguf(peer, hf, root / "gguf") if peer else {}
-    return BenchModel("bench8x", hf, store, gguf)
+    peer = find_llamacpp() if gguf else None
+    files = convert_gguf(peer, hf, root / "gguf", keep_f16=keep_f16) if peer else {}
+    return BenchModel(name, hf, store, files)
+
+
+def build_bench8x(force: bool = False, dense_dtype: str = "int8") -> BenchModel:
+    return _build("bench8x", lambda hf: build_smollm2_mixtral(hf, num_experts=8, top_k=2), force, dense_dtype,
+                  f"store-{dense_dtype}")
 
 
 def build_split8(force: bool = False) -> BenchModel:
-    from d2moe.config import MWQConfig
-    from d2moe.convert.convert import convert
-
-    root = bench_dir() / "split8"
-    if force and root.exists():
-        shutil.rmtree(root)
-    hf = root / "hf"
-    if not (hf / "config.json").is_file():
-        print("models: building the split8 checkpoint", file=sys.stderr)
-        build_smollm2_mixtral(hf, num_experts=8, split=True)
-    store = root / "store"
-    if not (store / "config.json").is_file():
-        import torch
-
-        print("models: converting split8 to a d2moe store (fp16 dense)", file=sys.stderr)
-        convert(hf, store, MWQConfig(), dense_dtype=torch.float16, overwrite=True)
-    return BenchModel("split8", hf, store, {})
+    return _build("split8", lambda hf: build_smollm2_mixtral(hf, num_experts=8, split=True), force, "float16",
+                  "store", gguf=False)
 
 
 def build_mixtral2k(force: bool = False) -> BenchModel:
-    import torch
-
-    from d2moe.config import MWQConfig
-    from d2moe.convert.convert import convert
-
-    root = bench_dir() / "mixtral2k"
-    if force and root.exists():
-        shutil.rmtree(root)
-    hf = root / "hf"
-    if not (hf / "config.json").is_file():
-        print("models: building the mixtral2k checkpoint (random weights)", file=sys.stderr)
-        build_random_mixtral(hf, hidden=2048, intermediate=5632, layers=4, experts=8, top_k=2, seed=0)
-    store = root / "store-int8"
-    if not (store / "config.json").is_file():
-        print("models: converting mixtral2k to a d2moe store (int8 dense)", file=sys.stderr)
-        convert(hf, store, MWQConfig(), dense_dtype=torch.int8, overwrite=True)
-    peer = find_llamacpp()
-    # the 2.7 GB f16 GGUF is only a step towards the quantized files: not kept
-    gguf = convert_gguf(peer, hf, root / "gguf", keep_f16=False) if peer else {}
-    return BenchModel("mixtral2k", hf, store, gguf)
+    # random weights; the 2.7 GB f16 GGUF is only a step towards the quantized files: not kept
+    return _build("mixtral2k", lambda hf: build_random_mixtral(hf, hidden=2048, intermediate=5632, layers=4,
+                                                               experts=8, top_k=2, seed=0),
+                  force, "int8", "store-int8", keep_f16=False)
 
 
 BUILDERS = {"bench8x": build_bench8x, "split8": build_split8, "mixtral2k": build_mixtral2k}

@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -50,6 +52,35 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(cmd: list[str], base: str, tries: int = 600) -> Iterator[subprocess.Popen]:
+    """Start a server (its output discarded: an unread pipe would block it once full), wait until /health
+    answers 200, and stop it on exit (SIGINT, then kill after 30 s)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    try:
+        for _ in range(tries):
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def level_line(name: str, res: dict) -> str:
+    """One concurrency level's result as a line."""
+    bad = "" if res["bad_input_all_4xx"] is None else f", bad input 4xx: {res['bad_input_all_4xx']}"
+    return (f"{name}concurrency {res['concurrency']:2d}: {res['aggregate_tok_per_s']:7.1f} tok/s, TTFT p50 "
+            f"{res['ttft_s'][50]:.2f}s p99 {res['ttft_s'][99]:.2f}s, ITL p50 {res['itl_ms'][50]} ms p99 "
+            f"{res['itl_ms'][99]} ms, ok {res['ok']}/{res['requests']}{bad}")
 
 
 class PeakRss(threading.Thread):
@@ -171,15 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "d2moe.cli", "serve", "--model", args.model, "--port", str(port), "--threads",
            str(args.threads), "--max-batch", str(args.max_batch), "--context", str(args.context)]
     cmd += ["--memory-budget", args.memory_budget] if args.memory_budget else []
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with running_server(cmd, base) as proc:
         rss = PeakRss(proc.pid)
         idle = rss.rss()  # ready and idle: the model opened, no request yet
         rss.start()
@@ -199,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in args.concurrency:
             res = asyncio.run(level(base, c, args.requests_per_client, args.max_tokens))
             levels.append(res)
-            print(f"concurrency {c:2d}: {res['aggregate_tok_per_s']:7.1f} tok/s, TTFT p50 {res['ttft_s'][50]:.2f}s "
-                  f"p99 {res['ttft_s'][99]:.2f}s, ITL p50 {res['itl_ms'][50]} ms p99 {res['itl_ms'][99]} ms, "
-                  f"ok {res['ok']}/{res['requests']}, bad input 4xx: {res['bad_input_all_4xx']}")
+            print(level_line("", res))
         metrics = httpx.get(base + "/metrics").text
         rss.stop.set()
         result = {"max_tokens": args.max_tokens, "max_batch": args.max_batch, "threads": args.threads,
@@ -209,12 +231,6 @@ def main(argv: list[str] | None = None) -> int:
                   "metrics": [ln for ln in metrics.splitlines() if ln and not ln.startswith("#")]}
         print(f"server peak RSS {rss.peak / 2**20:.0f} MiB")
         write_result(out_path, "serve_load", result)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return 0
 
 

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import subprocess
 import sys
-import time
 
 import httpx
 
 from benchmarks.common import write_result
 from benchmarks.llamacpp import SERVER, find_llamacpp
-from benchmarks.serve_load import BAD, bad_requests, free_port, level
+from benchmarks.serve_load import BAD, bad_requests, free_port, level, level_line, running_server
 from d2moe.default_model.gguf_llama import find_smollm2_gguf
 
 
@@ -51,36 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [peer.tool(SERVER), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(args.parallel),
            "-c", str(args.parallel * args.context), "-t", str(args.threads), "--no-webui",
            "--threads-http", str(2 * args.parallel + 4)]  # its default (one per core) drops the 16th stream
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with running_server(cmd, base, tries=300):
         asyncio.run(level(base, 1, 1, 4))  # warm-up
         levels = []
         for c in args.concurrency:  # without bad input alongside: the peer generates to the end of its
             # context for several of them (no max_tokens), which would dominate the wall time
             res = asyncio.run(level(base, c, args.requests_per_client, args.max_tokens, with_bad=False))
             levels.append(res)
-            print(f"llama-server, concurrency {c:2d}: {res['aggregate_tok_per_s']:7.1f} tok/s, TTFT p50 "
-                  f"{res['ttft_s'][50]:.2f}s p99 {res['ttft_s'][99]:.2f}s, ITL p50 {res['itl_ms'][50]} ms, "
-                  f"ok {res['ok']}/{res['requests']}")
+            print(level_line("llama-server, ", res))
         bad = asyncio.run(_bad(base))
         print(f"llama-server, bad input: {dict(zip((f'{m} {p} {b}' for m, p, b in BAD), bad))}")
         write_result(args.out, "serve_peer", {"model": str(gguf), "parallel": args.parallel, "threads": args.threads,
                                               "max_tokens": args.max_tokens, "levels": levels,
                                               "bad_input": [{"request": f"{m} {p} {b}", "status": code}
                                                             for (m, p, b), code in zip(BAD, bad)]})
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return 0
 
 

@@ -115,7 +115,7 @@ struct RowWork {
         : m(mat), bits(b), zc(8 * (mat.in / mat.group_size)), coef(8 * b * (mat.in / mat.group_size)) {
         for (int tt : {8, 4, 3, 2, 1}) {
             tiles[tt] = dot_for(bits, tt);
-            if (kGfniMaxTokens > 0) gfni[tt] = dot_gfni_for(bits, tt), gfni8[tt] = dot_gfni8_for(bits, tt);
+            if (kGfniMaxTokens > 0) gfni[tt] = dot_gfni_for(bits, tt), gfni8[tt] = dot_gfni_for(bits, tt, true);
         }
 #if defined(__AVX512F__) && defined(__AVX512BW__)
         for (int t = 1; t <= kI16MaxTokens; ++t)

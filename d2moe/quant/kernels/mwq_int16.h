@@ -303,61 +303,42 @@ void rows8_dot_gfni(const MwqMat& m, int64_t r0, const float* zc, const float* s
     }
 }
 
-template <int NP>
-RowDotI16 pick_gfni8(int tt) {
-    switch (tt) {
-        case 8: return rows8_dot_gfni<NP, 8>;
-        case 4: return rows8_dot_gfni<NP, 4>;
-        case 3: return rows8_dot_gfni<NP, 3>;
-        case 2: return rows8_dot_gfni<NP, 2>;
-        default: return rows8_dot_gfni<NP, 1>;
-    }
-}
-
-RowDotI16 dot_gfni8_for(int bits, int tt) {
-    switch (bits) {
-        case 2: return pick_gfni8<2>(tt);
-        case 3: return pick_gfni8<3>(tt);
-        case 4: return pick_gfni8<4>(tt);
-        case 5: return pick_gfni8<5>(tt);
-        case 6: return pick_gfni8<6>(tt);
-        case 7: return pick_gfni8<7>(tt);
-        default: return pick_gfni8<8>(tt);
-    }
-}
-
-template <int NP>
+// The GFNI kernel for NP planes and a tile of tt tokens: one row at a time, or 8 (rows8_dot_gfni).
+template <int NP, bool EIGHT>
 RowDotI16 pick_gfni(int tt) {
     switch (tt) {
-        case 8: return row_dot_gfni<NP, 8>;
-        case 4: return row_dot_gfni<NP, 4>;
-        case 3: return row_dot_gfni<NP, 3>;
-        case 2: return row_dot_gfni<NP, 2>;
-        default: return row_dot_gfni<NP, 1>;
+        case 8: return EIGHT ? rows8_dot_gfni<NP, 8> : row_dot_gfni<NP, 8>;
+        case 4: return EIGHT ? rows8_dot_gfni<NP, 4> : row_dot_gfni<NP, 4>;
+        case 3: return EIGHT ? rows8_dot_gfni<NP, 3> : row_dot_gfni<NP, 3>;
+        case 2: return EIGHT ? rows8_dot_gfni<NP, 2> : row_dot_gfni<NP, 2>;
+        default: return EIGHT ? rows8_dot_gfni<NP, 1> : row_dot_gfni<NP, 1>;
     }
 }
 
-RowDotI16 dot_gfni_for(int bits, int tt) {
+template <int NP>
+RowDotI16 pick_gfni(int tt, bool eight) {
+    return eight ? pick_gfni<NP, true>(tt) : pick_gfni<NP, false>(tt);
+}
+
+RowDotI16 dot_gfni_for(int bits, int tt, bool eight = false) {
     switch (bits) {
-        case 2: return pick_gfni<2>(tt);
-        case 3: return pick_gfni<3>(tt);
-        case 4: return pick_gfni<4>(tt);
-        case 5: return pick_gfni<5>(tt);
-        case 6: return pick_gfni<6>(tt);
-        case 7: return pick_gfni<7>(tt);
-        default: return pick_gfni<8>(tt);
+        case 2: return pick_gfni<2>(tt, eight);
+        case 3: return pick_gfni<3>(tt, eight);
+        case 4: return pick_gfni<4>(tt, eight);
+        case 5: return pick_gfni<5>(tt, eight);
+        case 6: return pick_gfni<6>(tt, eight);
+        case 7: return pick_gfni<7>(tt, eight);
+        default: return pick_gfni<8>(tt, eight);
     }
 }
 #else
 constexpr int kGfniMaxTokens = 0;
-RowDotI16 dot_gfni_for(int, int) { return nullptr; }
-RowDotI16 dot_gfni8_for(int, int) { return nullptr; }
+RowDotI16 dot_gfni_for(int, int, bool = false) { return nullptr; }
 #endif
 #else
 constexpr int kI16MaxTokens = 0;
 constexpr int kGfniMaxTokens = 0;
-RowDotI16 dot_gfni_for(int, int) { return nullptr; }
-RowDotI16 dot_gfni8_for(int, int) { return nullptr; }
+RowDotI16 dot_gfni_for(int, int, bool = false) { return nullptr; }
 #endif
 
 }  // namespace
