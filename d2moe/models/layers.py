@@ -301,14 +301,21 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, w: dict[st
 def _decode_kernel(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cfg: ModelConfig) -> torch.Tensor | None:
     """One new token per sequence that sees its whole cache: d2moe's decode-attention kernel (the batched
     step's, models/ragged.py) instead of SDPA's per-call dispatch; None where it does not apply."""
+    B = q.shape[0]
+    out = decode_attention(q[:, 0], keys, values, torch.arange(B), torch.full((B,), keys.shape[2]), cfg)
+    return None if out is None else out.reshape(B, 1, -1)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+                     lengths: torch.Tensor, cfg: ModelConfig) -> torch.Tensor | None:
+    """q [n, nH, D], one query per sequence, against keys/values [slots, nKV, len, D] rows `slots` over their
+    first `lengths` positions, in one kernel call (quant/kernels/mwq_attention.h) -> [n, nH, Dv]; None where
+    the kernel does not apply (no build, head dims % 16 != 0, not fp32): the caller takes SDPA."""
     kernel = load_kernel()
     if kernel is None or keys.dtype != torch.float32 or q.dtype != torch.float32:
         return None
-    B = q.shape[0]
-    lengths = torch.full((B,), keys.shape[2], dtype=torch.int64)
-    out = kernel.decode_attention(q[:, 0].contiguous(), keys, values, torch.arange(B), lengths,
-                                  cfg.softmax_scale or q.shape[-1] ** -0.5)
-    return None if out is None else out.reshape(B, 1, -1)
+    return kernel.decode_attention(q.contiguous(), keys, values, slots.to(torch.int64), lengths.to(torch.int64),
+                                   cfg.softmax_scale or q.shape[-1] ** -0.5)
 
 
 def attention(

@@ -44,6 +44,7 @@ from d2moe.models.expert_provider import ExpertProvider
 from d2moe.models.layers import (
     attend,
     causal_mask,
+    decode_attention,
     kv_cache_dims,
     linear,
     norm,
@@ -52,7 +53,6 @@ from d2moe.models.layers import (
     swiglu,
 )
 from d2moe.models.mla import mla_attend, mla_rows, up_projection
-from d2moe.quant.kernels.cpu import load_kernel
 from d2moe.models.moe import (
     Routing,
     WidthRule,
@@ -232,20 +232,19 @@ def attend_decode_padded(q: torch.Tensor, pool: KVPool, layer: int, plan: StepPl
     return torch.cat(parts)
 
 
-def attend_decode_kernel(q: torch.Tensor, pool: KVPool, layer: int, plan: StepPlan, scale: float,
+def attend_decode_kernel(q: torch.Tensor, pool: KVPool, layer: int, plan: StepPlan, cfg: ModelConfig,
                          core: Core | None = None) -> torch.Tensor | None:
     """Layers whose decode attention is plain (no sinks, window or chunk): every decode row in one call of
-    d2moe's decode-attention kernel over each row's own slot and length (no copies; a row's result does not
-    depend on the others, so batch-invariant), prefill segments as in the reference. None where the kernel
-    does not apply (no build, head dims % 16 != 0, non-fp32 cache): the caller takes the reference."""
+    d2moe's decode-attention kernel (`layers.decode_attention`) over each row's own slot and length (no
+    copies; a row's result does not depend on the others, so batch-invariant), prefill segments as in the
+    reference. None where the kernel does not apply: the caller takes the reference."""
     d = plan.decode_rows
-    kernel = load_kernel() if d else None
-    if kernel is None or pool.k[layer].dtype != torch.float32:
+    if not d:
         return None
     dec = plan.segments[:d]
-    slots = torch.tensor([s.slot for s in dec], dtype=torch.int64)
-    lengths = torch.tensor([s.start + 1 for s in dec], dtype=torch.int64)
-    o = kernel.decode_attention(q[:d].contiguous(), pool.k[layer], pool.v[layer], slots, lengths, scale)
+    slots = torch.tensor([s.slot for s in dec])
+    lengths = torch.tensor([s.start + 1 for s in dec])
+    o = decode_attention(q[:d], pool.k[layer], pool.v[layer], slots, lengths, cfg)
     if o is None:
         return None
     rest = StepPlan(tuple(Segment(s.slot, s.start, s.row - d, s.length, False) for s in plan.segments[d:]))
@@ -273,7 +272,7 @@ def ragged_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, ro
     if padded and plain_decode:
         out = attend_decode_padded(q[0], pool, layer, plan, core=core, scale=cfg.softmax_scale or None)
     elif plain_decode:
-        out = attend_decode_kernel(q[0], pool, layer, plan, cfg.softmax_scale or q.shape[-1] ** -0.5, core)
+        out = attend_decode_kernel(q[0], pool, layer, plan, cfg, core)
     if out is None:
         out = attend_per_sequence(q[0], pool, layer, plan, core=core)
     return plan.linear(out[None], w[prefix + "wo"], w.get(prefix + "bo"))
