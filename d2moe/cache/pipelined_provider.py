@@ -36,7 +36,7 @@ from d2moe.io.hebf import hebf_chunks
 from d2moe.io.loader import SliceLoader, SliceRead
 from d2moe.models.expert_provider import PREFETCH_MAX_TOKENS, Demand, ExpertFn, ReadyBatch
 from d2moe.quant.kernels import BoundExpert
-from d2moe.quant.pack import SliceArrays, assemble_expert, slice_arrays
+from d2moe.quant.pack import PackedMatrix, SliceArrays, assemble_expert, slice_arrays
 from d2moe.storage.reader import StoreReader
 
 DEMAND, PREFETCH = 0, 1  # priority classes of the I/O queue
@@ -87,6 +87,8 @@ class PipelinedProvider:
         self.predicted: dict[int, list[int]] = {}  # pos -> predicted experts, surest first
         self._hint: tuple[int, list[Demand]] | None = None
         self._arrays: dict[tuple[int, int, int], SliceArrays] = {}
+        self._codes: dict[tuple[int, int], dict[str, PackedMatrix]] = {}  # experts held as byte codes
+        self._no_codes: set[tuple[int, int]] = set()  # experts the kernel cannot hold as codes
         self._landed: SimpleQueue = SimpleQueue()  # keys of finished reads, put by the loader threads
         self.stats = PipelineStats()
 
@@ -174,11 +176,33 @@ class PipelinedProvider:
         return arrays
 
     def _fn(self, pos: int, expert: int, bits: int) -> ExpertFn:
+        codes = self._codes.get((pos, expert)) or self._hold_as_codes(pos, expert)
+
         def make(slots: list[Slot]) -> BoundExpert:
+            if codes is not None:  # every width from the same byte codes
+                return BoundExpert(codes, bits, self.kernel)
             slices = [self._slot_arrays(s, b) for b, s in enumerate(slots, start=MIN_BITS)]
             return BoundExpert(assemble_expert(self.layout, slices), len(slots) + 1, self.kernel)
 
         return self.cache.bound(pos, expert, bits, make)  # type: ignore[return-value]
+
+    def _hold_as_codes(self, pos: int, expert: int) -> dict[str, PackedMatrix] | None:
+        """Turn a fully resident expert into byte codes (quant/codes.py), in place, when the cache never
+        evicts (every slice of every expert fits) and the kernel reads codes: the decode kernel then loads
+        64 codes where it rebuilt them from 8 planes. Returns its views, or None (left on planes)."""
+        cache = self.cache
+        if (self.kernel is None or not self.spec.nested or not cache.roomy or (pos, expert) in self._no_codes
+                or cache.resident_bits(pos, expert) != cache.max_bits):
+            return None
+        slots = [cache.slots[(pos, expert, b)] for b in range(MIN_BITS, cache.max_bits + 1)]
+        packed = assemble_expert(self.layout, [self._slot_arrays(s, b) for b, s in enumerate(slots, start=MIN_BITS)])
+        if not all(self.kernel.can_hold_codes(pm) for pm in packed.values()):
+            self._no_codes.add((pos, expert))
+            return None
+        codes = {name: self.kernel.to_codes(pm) for name, pm in packed.items()}
+        cache.hold_as_codes(pos, expert)
+        self._codes[(pos, expert)] = codes  # type: ignore[assignment]
+        return codes  # type: ignore[return-value]
 
     # --- the ExpertProvider interface ---------------------------------------------------------------
     def check_budget(self, bits: int) -> None:
@@ -442,7 +466,7 @@ class PipelinedProvider:
     def preload(self, bits: int) -> int:
         """Read every expert at `bits` if the cache can hold them all (the `hold` policy); returns how many
         experts are resident at `bits`. Stops at the first slice that does not fit."""
-        n = 0
+        n, total = 0, len(self.layers) * self.cache.E
         for pos in range(len(self.layers)):
             for e in range(self.cache.E):
                 if self._issue(pos, e, bits, (PREFETCH, 0, 0), limit=float("inf")) < bits:
@@ -451,6 +475,10 @@ class PipelinedProvider:
         while self.inflight:
             wait(list(self.inflight.values()))
             self._poll()
+        if n == total and bits == self.cache.max_bits:  # all resident at full width: byte codes now, not mid-step
+            for pos in range(len(self.layers)):
+                for e in range(self.cache.E):
+                    self._hold_as_codes(pos, e)
         return n
 
     def close(self) -> None:

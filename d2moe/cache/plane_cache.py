@@ -63,6 +63,9 @@ class PlaneCache:
         self.slots: dict[tuple[int, int, int], Slot] = {}
         self._owner: dict[tuple[int, int], tuple[int, int, int]] = {}  # (cls, index) -> (layer, expert, bits)
         self._bound: dict[tuple[int, int], dict[int, object]] = {}
+        self.as_codes = np.zeros((num_layers, num_experts), dtype=bool)  # slots hold byte codes (quant/codes.py)
+        # the arena holds every slice of every expert at once: nothing will ever be evicted
+        self.roomy = self.arena.size >= num_layers * num_experts * (base_bytes + (max_bits - MIN_BITS) * plane_bytes)
         self.clock = 0
         self.current = 0
         self.stats = PlaneCacheStats()
@@ -149,6 +152,18 @@ class PlaneCache:
         if self.pins[layer, expert] <= 0:
             raise RuntimeError(f"unpin of unpinned expert {expert} of layer {layer}")
         self.pins[layer, expert] -= 1
+
+    def hold_as_codes(self, layer: int, expert: int) -> None:
+        """The expert's slots now hold byte codes, not planes: it is pinned for good (its slices can no
+        longer be evicted one by one) and its compute objects, bound to planes, are dropped."""
+        if self.as_codes[layer, expert]:
+            return
+        if not self.roomy or self.resident_bits(layer, expert) != self.max_bits:
+            raise RuntimeError(f"expert {expert} of layer {layer}: byte codes need every slice resident in a "
+                               "cache that never evicts")
+        self.as_codes[layer, expert] = True
+        self.pins[layer, expert] += 1
+        self._bound.pop((layer, expert), None)
 
     # --- reserve / complete -------------------------------------------------------------------------
     def reserve(self, layer: int, expert: int, bits: int, limit: float | None = None) -> Slot | None:

@@ -54,6 +54,7 @@ class PackedMatrix:
     base: Tensor  # [out, 2, in/8] uint8: bit-planes 0 and 1 of the 2-bit code
     plane_scales: tuple[Tensor, ...]  # residual: [out, G] fp16 for planes 3..bits; msb: ()
     planes: tuple[Tensor, ...]  # [out, in/8] uint8 for planes 3..bits
+    codes: bool = False  # base and planes hold byte codes instead (quant/codes.py)
 
     def __post_init__(self) -> None:
         out, n_in, n_g = self.out_features, self.in_features, self.in_features // self.group_size
@@ -290,6 +291,10 @@ def assemble_expert(layout: ExpertLayout, slices: list[SliceArrays]) -> dict[str
 def dequantize_packed(pm: PackedMatrix, bits: int) -> Tensor:
     """Reference reconstruction from packed views, float32 [out, in]; equals mwq.dequantize(q, bits)."""
     check_bits(bits, pm.bits)
+    if pm.codes:
+        from d2moe.quant.codes import planes_from_codes  # codes.py builds on this module
+
+        pm = planes_from_codes(pm)
     out, n_in, gs = pm.out_features, pm.in_features, pm.group_size
 
     def expand(t: Tensor) -> Tensor:  # [out, G] -> [out, in]

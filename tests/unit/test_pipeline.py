@@ -224,3 +224,24 @@ def test_unsure_guesses_read_only_their_base_ahead(store, one_thread):
             wait(list(p.inflight.values()))
             p._poll()
         assert p.cache.held_bits(pos, 0) == 8 and p.cache.held_bits(pos, 1) == MIN_BITS
+
+
+def test_a_cache_that_holds_everything_runs_experts_from_byte_codes(store, one_thread):
+    """Every expert resident at 8 bits in a cache that never evicts: the experts become byte codes
+    (quant/codes.py) and give the planes' tokens at every width (hold preloads; d2moe converts on first use)."""
+    from d2moe.quant.kernels import load_kernel
+
+    if load_kernel() is None or not load_kernel().avx512:
+        pytest.skip("no byte-code kernel in this build")
+    for bits in (8, 3):
+        ref, _ = _tokens(store, bits, policy="lru")
+        got, m = _tokens(store, bits, policy="hold")
+        assert got == ref
+        cache = m.provider.cache
+        assert cache.roomy and cache.as_codes.all() == (bits == 8)
+        assert (cache.pins[cache.as_codes] == 1).all()  # pinned for good, nothing else held
+    with open_model(store, EngineConfig(context=64, step_tokens=len(PROMPT))) as m:
+        m.provider.preload(8)
+        assert m.provider.cache.as_codes.all()
+        got = list(generate(m, Request(PROMPT, SamplingParams(max_tokens=12, stop_on_eos=False), 4)))
+        assert got == _tokens(store, 4, policy="lru")[0]

@@ -11,7 +11,7 @@ rows to a float32 scratch and a BLAS GEMM does the rest. See mwq_cpu.cpp for the
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from d2moe.quant.kernels.build import load_library
+from d2moe.quant.codes import can_hold_codes
 from d2moe.quant.kernels.reference import expert_ffn_reference
 from d2moe.quant.mwq import check_bits
 from d2moe.quant.pack import PackedMatrix, dequantize_packed
@@ -41,6 +42,7 @@ class _MwqMat(ctypes.Structure):
         ("out", ctypes.c_int64),
         ("in_", ctypes.c_int64),
         ("group_size", ctypes.c_int64),
+        ("codes", ctypes.c_int64),
     ]
 
 
@@ -68,7 +70,7 @@ def _mat(pm: PackedMatrix) -> _MwqMat:
     m = _MwqMat(ptrs[0], ptrs[1], ptrs[2])
     m.scales[:n_scales] = ptrs[3 : 3 + n_scales]
     m.planes[: len(pm.planes)] = ptrs[3 + n_scales :]
-    m.out, m.in_, m.group_size = pm.out_features, pm.in_features, pm.group_size
+    m.out, m.in_, m.group_size, m.codes = pm.out_features, pm.in_features, pm.group_size, int(pm.codes)
     return m
 
 
@@ -92,6 +94,7 @@ class CpuKernel:
         self.lib.mwq_decode_rows.argtypes = [vp, i32, i64, i64, vp, i32]
         self.lib.mwq_experts_ffn.argtypes = [i32, vp, i32, vp, i64, vp, vp, vp, i32, i32]
         self.lib.mwq_invariant_tokens.argtypes = [vp, i32]
+        self.lib.mwq_to_codes.argtypes = [vp, i32]
         self.lib.mwq_int8_linear.argtypes = [vp, vp, i64, i64, vp, i64, vp, i32]
         self.lib.mwq_rms_norm.argtypes = [vp, vp, i64, i64, ctypes.c_float, vp]
         self.lib.mwq_f16_linear.argtypes = [vp, i64, i64, vp, i64, vp, i32]
@@ -100,7 +103,8 @@ class CpuKernel:
                                                   ctypes.c_float, vp, i32]
         for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_decode_rows, self.lib.mwq_experts_ffn,
                   self.lib.mwq_invariant_tokens, self.lib.mwq_int8_linear, self.lib.mwq_rms_norm,
-                  self.lib.mwq_f16_linear, self.lib.mwq_decode_attention, self.lib.mwq_width_rule):
+                  self.lib.mwq_f16_linear, self.lib.mwq_decode_attention, self.lib.mwq_width_rule,
+                  self.lib.mwq_to_codes):
             f.restype = i32
         object.__setattr__(self, "_avx512", bool(self.lib.mwq_has_avx512()))  # asked once, not per expert
 
@@ -178,6 +182,18 @@ class CpuKernel:
         H = x.shape[-1]
         self.lib.mwq_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // H, H, eps, out.data_ptr())
         return out
+
+    def can_hold_codes(self, pm: PackedMatrix) -> bool:
+        """An 8-plane msb matrix this build has a byte-code kernel for (quant/codes.py)."""
+        return can_hold_codes(pm) and not self.lib.mwq_to_codes(ctypes.byref(_mat(pm)), 1)
+
+    def to_codes(self, pm: PackedMatrix) -> PackedMatrix | None:
+        """Hold an 8-plane msb matrix as byte codes, in place; None (and nothing written) where this build
+        or shape has no byte-code kernel."""
+        if not can_hold_codes(pm):
+            return None
+        m = _mat(pm)
+        return None if self.lib.mwq_to_codes(ctypes.byref(m), 0) else replace(pm, codes=True)
 
     def invariant_tokens(self, pm: PackedMatrix, bits: int) -> int:
         """Most tokens per call that still give each token the bits it gets alone (see mwq_cpu.cpp)."""

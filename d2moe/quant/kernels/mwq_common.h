@@ -20,6 +20,7 @@ struct MwqMat {
     int64_t out;
     int64_t in;
     int64_t group_size;
+    int64_t codes;  // 1: held as byte codes (see code_row), base and planes then hold codes, not bit-planes
 };
 
 }  // extern "C"
@@ -123,6 +124,39 @@ inline void row_planes(const MwqMat& m, int bits, int64_t r, const uint8_t** pl)
     for (int i = 3; i <= bits; ++i) pl[i - 1] = m.planes[i - 3] + r * rb;
 }
 
+
+// Byte codes (m.codes, msb with 8 planes, out % 8 == 0): the 8-bit msb code of every weight, one byte per
+// column (bit 7: base bit 1, bit 6: base bit 0, bit 8 - i: plane i), in the memory its planes took: rows
+// [0, out/4) in `base` ([out, 2, in/8] bytes), then out/8 rows in each of planes 3..8 ([out, in/8] bytes each).
+inline const uint8_t* code_row(const MwqMat& m, int64_t r) {
+    const int64_t q = m.out / 4, e = m.out / 8;
+    if (r < q) return m.base + r * m.in;
+    const int64_t k = (r - q) / e;
+    return m.planes[k] + (r - q - k * e) * m.in;
+}
+
+// Row r's base and plane bytes rebuilt from its codes into tmp (8 * in/8 bytes: b0, b1, planes 3..8, as
+// row_planes reads them), and a one-row planes view of it: the kernels that read planes run on rows of a
+// byte-code matrix through this (prefill decode, float activations), with the same bits as on the planes.
+inline MwqMat planes_of_code_row(const MwqMat& m, int64_t r, uint8_t* tmp) {
+    const int64_t rb = m.in / 8, G = m.in / m.group_size;
+    const uint8_t* c = code_row(m, r);
+    for (int64_t k = 0; k < rb; ++k) {
+        uint8_t by[8] = {};
+        for (int t = 0; t < 8; ++t)
+            for (int p = 0; p < 8; ++p) by[p] |= (uint8_t)(((c[8 * k + t] >> p) & 1) << t);
+        tmp[k] = by[6];                 // base bit 0
+        tmp[rb + k] = by[7];            // base bit 1
+        for (int i = 3; i <= 8; ++i) tmp[(i - 1) * rb + k] = by[8 - i];
+    }
+    MwqMat v{};
+    v.offset = m.offset + r * G;
+    v.base_scale = m.base_scale + r * G;
+    v.base = tmp;
+    for (int i = 0; i < 6; ++i) v.planes[i] = tmp + (2 + i) * rb;
+    v.out = 1, v.in = m.in, v.group_size = m.group_size, v.codes = 0;
+    return v;
+}
 
 // Activations of T tokens quantized to int16 per weight group (for the few-token kernel).
 struct QuantX {

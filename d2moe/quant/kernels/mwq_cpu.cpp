@@ -110,12 +110,17 @@ struct RowWork {
     RowDot tiles[9] = {};       // float register decode, per tile size
     RowDotI16 gfni[9] = {};     // msb GFNI kernel, per tile size
     RowDotI16 gfni8[9] = {};    // the same, 8 rows at a time
+    RowDotI16 codes_k[9] = {};  // the same arithmetic on byte codes (m.codes)
+    RowDotI16 codes4[9] = {};   // the same, 4 rows at a time (tiles of 1 or 2 tokens)
     RowDotI16 masked[4] = {};   // masked int16 kernel, per token count 1..3
     RowWork(const MwqMat& mat, int b)
         : m(mat), bits(b), zc(8 * (mat.in / mat.group_size)), coef(8 * b * (mat.in / mat.group_size)) {
         for (int tt : {8, 4, 3, 2, 1}) {
             tiles[tt] = dot_for(bits, tt);
-            if (kGfniMaxTokens > 0) gfni[tt] = dot_gfni_for(bits, tt), gfni8[tt] = dot_gfni_for(bits, tt, true);
+            if (kGfniMaxTokens > 0) {
+                gfni[tt] = dot_gfni_for(bits, tt), gfni8[tt] = dot_gfni_for(bits, tt, true);
+                codes_k[tt] = dot_codes_for(bits, tt), codes4[tt] = dot_codes_for(bits, tt, true);
+            }
         }
 #if defined(__AVX512F__) && defined(__AVX512BW__)
         for (int t = 1; t <= kI16MaxTokens; ++t)
@@ -124,41 +129,56 @@ struct RowWork {
     }
     // Rows per call of dot(): 8 where the GFNI kernel reads 8 rows as one run (rows with a 64-column tail
     // each, at most kRows8MaxIn columns, a multiple of 8 rows; fewer than 8 tokens: with a tile of 8 its
-    // registers spill and it is slower), else 1. The result is the same either way.
+    // registers spill and it is slower), 4 for byte codes with 1-2 tokens (4 chains in flight), else 1.
+    // The result is the same either way.
     int64_t rows_per_call(int64_t T, const QuantX* qx) const {
-        const bool eight = qx != nullptr && T < 8 && int16_kind(m, bits, T) == 2 && m.in % 512 != 0 &&
-                           m.in <= kRows8MaxIn && m.out % 8 == 0;
-        return eight ? 8 : 1;
+        if (qx == nullptr || int16_kind(m, bits, T) != 2) return 1;
+        if (m.codes) return T <= 2 && m.out % 4 == 0 ? 4 : 1;
+        return T < 8 && m.in % 512 != 0 && m.in <= kRows8MaxIn && m.out % 8 == 0 ? 8 : 1;
     }
     // y[t * ldy + i] = (W x_t)[r + i] for all T tokens and the `n` rows from r (n = rows_per_call).
     void dot(int64_t r, const float* x, int64_t ldx, int64_t T, float* y, int64_t ldy, const QuantX* qx,
              int64_t n = 1) {
         const int kind = qx != nullptr ? int16_kind(m, bits, T) : 0;
+        if (m.codes && kind != 2) {  // byte codes, a kernel that reads planes: this row's planes rebuilt
+            row_tmp.resize(m.in);
+            const MwqMat v = planes_of_code_row(m, r, row_tmp.data());
+            dot_on(v, 0, x, ldx, T, y, ldy, qx, 1, kind);
+            return;
+        }
+        dot_on(m, r, x, ldx, T, y, ldy, qx, n, kind);
+    }
+
+  private:
+    std::vector<uint8_t> row_tmp;
+    void dot_on(const MwqMat& mm, int64_t r, const float* x, int64_t ldx, int64_t T, float* y, int64_t ldy,
+                const QuantX* qx, int64_t n, int kind) {
         if (kind == 2) {
-            const int64_t G = m.in / m.group_size;
+            const int64_t G = mm.in / mm.group_size;
             for (int64_t i = 0; i < n; ++i)
-                row_coefficients(m, bits, r + i, zc.data() + i * G, coef.data() + i * G, /*s2_only=*/true);
+                row_coefficients(mm, bits, r + i, zc.data() + i * G, coef.data() + i * G, /*s2_only=*/true);
             int64_t t = 0;
             for (int tt : {8, 4, 3, 2, 1})
                 for (; T - t >= tt; t += tt) {
-                    const QuantX qt{qx->x16 + t * m.in, qx->sx + t * G, qx->xs + t * G};
-                    if (n == 8) {
-                        gfni8[tt](m, r, zc.data(), coef.data(), qt, y + t * ldy, ldy);
-                    } else {
-                        gfni[tt](m, r, zc.data(), coef.data(), qt, y + t * ldy, ldy);
-                    }
+                    const QuantX qt{qx->x16 + t * mm.in, qx->sx + t * G, qx->xs + t * G};
+                    // n rows: in blocks where a kernel takes several (byte codes: 4, planes: 8), else one by one
+                    // (n is the first expert's rows_per_call; a layer's experts may be held either way)
+                    const int step = mm.codes && n % 4 == 0 && codes4[tt] ? 4 : !mm.codes && n == 8 ? 8 : 1;
+                    const RowDotI16 k = mm.codes ? (step == 4 ? codes4 : codes_k)[tt] : (step == 8 ? gfni8 : gfni)[tt];
+                    for (int64_t i = 0; i < n; i += step)
+                        k(mm, r + i, zc.data() + i * G, coef.data() + i * G, qt, y + t * ldy + i, ldy);
                 }
             return;
         }
         if (kind == 1) {
-            row_coefficients(m, bits, r, zc.data(), coef.data(), /*s2_only=*/true);
-            masked[T](m, r, zc.data(), coef.data(), *qx, y, ldy);
+            row_coefficients(mm, bits, r, zc.data(), coef.data(), /*s2_only=*/true);
+            masked[T](mm, r, zc.data(), coef.data(), *qx, y, ldy);
             return;
         }
-        row_coefficients(m, bits, r, zc.data(), coef.data());
+        row_coefficients(mm, bits, r, zc.data(), coef.data());
         int64_t t = 0;
         for (int tt : {8, 4, 3, 2, 1})
-            for (; T - t >= tt; t += tt) tiles[tt](m, r, zc.data(), coef.data(), x + t * ldx, ldx, y + t * ldy, ldy);
+            for (; T - t >= tt; t += tt) tiles[tt](mm, r, zc.data(), coef.data(), x + t * ldx, ldx, y + t * ldy, ldy);
     }
 };
 
@@ -170,6 +190,30 @@ const QuantX* maybe_quantize(QuantBuffers& buf, QuantX& view, const MwqMat& m, i
     buf.fill(x, T, m.in, m.group_size, kind == 2 ? 32767.f : 16383.f);
     view = buf.view();
     return &view;
+}
+
+// Byte codes from planes, in place (see code_row in mwq_common.h); the caller checked the shape.
+void planes_to_codes(MwqMat& m) {
+    const int64_t rb = m.in / 8;
+    std::vector<uint8_t> codes(m.out * m.in);
+    for (int64_t r = 0; r < m.out; ++r) {
+        const uint8_t* pl[8];
+        row_planes(m, 8, r, pl);
+        uint8_t* c = codes.data() + r * m.in;
+        int64_t j = 0;
+#if defined(__AVX512F__) && defined(__GFNI__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
+        for (; j + 64 <= m.in; j += 64) _mm512_storeu_si512(c + j, msb_codes64<8>(pl, j / 8));
+#endif
+        for (; j < m.in; ++j) {
+            const int64_t k = j / 8, t = j % 8;
+            uint8_t v = (uint8_t)(((pl[1][k] >> t) & 1) << 7 | ((pl[0][k] >> t) & 1) << 6);
+            for (int i = 3; i <= 8; ++i) v |= (uint8_t)(((pl[i - 1][k] >> t) & 1) << (8 - i));
+            c[j] = v;
+        }
+    }
+    (void)rb;
+    m.codes = 1;
+    for (int64_t r = 0; r < m.out; ++r) std::memcpy(const_cast<uint8_t*>(code_row(m, r)), codes.data() + r * m.in, m.in);
 }
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
@@ -216,12 +260,31 @@ int mwq_decode_rows(const MwqMat* m, int bits, int64_t r0, int64_t r1, float* w,
     {
         const int64_t G = m->in / m->group_size;
         std::vector<float> zc(G), coef(bits * G);
+        std::vector<uint8_t> tmp(m->codes ? m->in : 0);
 #pragma omp for schedule(static)
         for (int64_t r = r0; r < r1; ++r) {
+            if (m->codes) {  // byte codes: the row's planes rebuilt, then the same decode
+                const MwqMat v = planes_of_code_row(*m, r, tmp.data());
+                row_coefficients(v, bits, 0, zc.data(), coef.data());
+                decode(v, 0, zc.data(), coef.data(), w + (r - r0) * m->in);
+                continue;
+            }
             row_coefficients(*m, bits, r, zc.data(), coef.data());
             decode(*m, r, zc.data(), coef.data(), w + (r - r0) * m->in);
         }
     }
+    return 0;
+}
+
+// Turn an msb matrix of 8 planes into byte codes in place (see code_row); its views then read codes.
+// Returns 0, or -1 when it cannot be held that way (not msb / 8 planes, out % 8, in % 64, no code kernel).
+// check_only: only say whether it could.
+int mwq_to_codes(MwqMat* m, int check_only) {
+    if (kGfniMaxTokens == 0 || m->codes || m->scales[0] != nullptr || m->planes[5] == nullptr || m->out % 8 ||
+        m->in % 64 || m->group_size % 64 || m->group_size > 1024 || !supported(*m, 8))
+        return -1;
+    if (check_only) return 0;
+    planes_to_codes(*m);
     return 0;
 }
 

@@ -201,20 +201,27 @@ inline void msb_codes512(const uint8_t* const* pl, int64_t byte, __m512i* codes)
         }
 }
 
-template <int NP, int TT>
-void row_dot_gfni(const MwqMat& m, int64_t r, const float* zc, const float* s2, const QuantX& q, float* y,
-                  int64_t ldy) {
-    const int64_t G = m.in / m.group_size, upg = m.group_size / 64, chunks = m.in / 64;
-    const uint8_t* pl[8];
-    row_planes(m, NP, r, pl);
+// One row's accumulation for TT tokens over 64-column chunks of msb codes (bytes, value code * 2^(8 - bits)),
+// in column order: per chunk two VNNI int16 multiply-adds per token, per weight group one int32 -> float
+// multiply-add. The plane kernels (codes rebuilt by GFNI) and the byte-code kernel share it, so both give
+// the same bits.
+template <int TT>
+struct CodeRow {
+    const MwqMat& m;
+    const float* zc;
+    const float* s2;
+    const QuantX& q;
+    int64_t G, upg, g = 0, u = 0;  // groups, chunks per group, group, chunk within it
     __m512 out[TT];
     __m512i acc[TT];
-    for (int t = 0; t < TT; ++t) {
-        out[t] = _mm512_setzero_ps();
-        acc[t] = _mm512_setzero_si512();
+    CodeRow(const MwqMat& mat, const float* z, const float* s, const QuantX& qx)
+        : m(mat), zc(z), s2(s), q(qx), G(mat.in / mat.group_size), upg(mat.group_size / 64) {
+        for (int t = 0; t < TT; ++t) {
+            out[t] = _mm512_setzero_ps();
+            acc[t] = _mm512_setzero_si512();
+        }
     }
-    int64_t g = 0, u = 0;  // group, chunk within it
-    auto consume = [&](__m512i codes, int64_t col) __attribute__((always_inline)) {
+    inline __attribute__((always_inline)) void consume(__m512i codes, int64_t col) {
         const __m512i lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes));
         const __m512i hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1));
         for (int t = 0; t < TT; ++t) {
@@ -231,16 +238,43 @@ void row_dot_gfni(const MwqMat& m, int64_t r, const float* zc, const float* s2, 
             u = 0;
             ++g;
         }
-    };
+    }
+    // y[t * ldy] = the row's product, + sum_g z'_g * sum(x_g)
+    void finish(float* y, int64_t ldy) {
+        for (int t = 0; t < TT; ++t) y[t * ldy] = hsum(_mm512_add_ps(out[t], dot_lanes(zc, q.xs + t * G, G)));
+    }
+};
+
+template <int NP, int TT>
+void row_dot_gfni(const MwqMat& m, int64_t r, const float* zc, const float* s2, const QuantX& q, float* y,
+                  int64_t ldy) {
+    const int64_t chunks = m.in / 64;
+    const uint8_t* pl[8];
+    row_planes(m, NP, r, pl);
+    CodeRow<TT> row(m, zc, s2, q);
     int64_t c = 0;
     for (; c + 8 <= chunks; c += 8) {
         __m512i codes[8];
         msb_codes512<NP>(pl, c * 8, codes);
-        for (int j = 0; j < 8; ++j) consume(codes[j], (c + j) * 64);
+        for (int j = 0; j < 8; ++j) row.consume(codes[j], (c + j) * 64);
     }
-    for (; c < chunks; ++c) consume(msb_codes64<NP>(pl, c * 8), c * 64);
-    for (int t = 0; t < TT; ++t)  // + sum_g z'_g * sum(x_g)
-        y[t * ldy] = hsum(_mm512_add_ps(out[t], dot_lanes(zc, q.xs + t * G, G)));
+    for (; c < chunks; ++c) row.consume(msb_codes64<NP>(pl, c * 8), c * 64);
+    row.finish(y, ldy);
+}
+
+// row_dot_gfni on a matrix held as byte codes (m.codes): each chunk is one load, its low 8 - NP bits masked
+// off (the NP-bit code is the 8-bit code's prefix). The same bits as row_dot_gfni on the planes.
+template <int NP, int TT>
+void row_dot_codes(const MwqMat& m, int64_t r, const float* zc, const float* s2, const QuantX& q, float* y,
+                   int64_t ldy) {
+    const uint8_t* row_codes = code_row(m, r);
+    const __m512i mask = _mm512_set1_epi8((char)(uint8_t)(0xff << (8 - NP)));
+    CodeRow<TT> row(m, zc, s2, q);
+    for (int64_t col = 0; col < m.in; col += 64) {
+        const __m512i codes = _mm512_loadu_si512(row_codes + col);
+        row.consume(NP == 8 ? codes : _mm512_and_si512(codes, mask), col);
+    }
+    row.finish(y, ldy);
 }
 
 // The same products for 8 consecutive rows at once: their plane bytes are contiguous (8 x in/8 = in bytes per
@@ -303,6 +337,90 @@ void rows8_dot_gfni(const MwqMat& m, int64_t r0, const float* zc, const float* s
     }
 }
 
+// row_dot_codes for 4 rows at once (zc, s2: [4, G]; row i, token t -> y[t * ldy + i]): four independent
+// accumulation chains per activation load instead of one. Each row's arithmetic is row_dot_codes's.
+template <int NP, int TT>
+void rows4_dot_codes(const MwqMat& m, int64_t r0, const float* zc, const float* s2, const QuantX& q, float* y,
+                     int64_t ldy) {
+    constexpr int R = 4;
+    const int64_t G = m.in / m.group_size, upg = m.group_size / 64;
+    const uint8_t* rc[R];
+    for (int i = 0; i < R; ++i) rc[i] = code_row(m, r0 + i);
+    const __m512i mask = _mm512_set1_epi8((char)(uint8_t)(0xff << (8 - NP)));
+    __m512 out[R][TT];
+    __m512i acc[R][TT];
+    for (int i = 0; i < R; ++i)
+        for (int t = 0; t < TT; ++t) {
+            out[i][t] = _mm512_setzero_ps();
+            acc[i][t] = _mm512_setzero_si512();
+        }
+    int64_t g = 0, u = 0;
+    for (int64_t col = 0; col < m.in; col += 64) {
+        __m512i xl[TT], xh[TT];
+        for (int t = 0; t < TT; ++t) {
+            xl[t] = _mm512_loadu_si512(q.x16 + t * m.in + col);
+            xh[t] = _mm512_loadu_si512(q.x16 + t * m.in + col + 32);
+        }
+        // the next 4 rows' bytes (adjacent when in one code block): the hardware prefetcher does not follow
+        // four interleaved streams
+        for (int i = 0; i < R; ++i) _mm_prefetch((const char*)(rc[0] + R * m.in + R * col + 64 * i), _MM_HINT_T0);
+        for (int i = 0; i < R; ++i) {
+            __m512i codes = _mm512_loadu_si512(rc[i] + col);
+            if (NP < 8) codes = _mm512_and_si512(codes, mask);
+            const __m512i lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes));
+            const __m512i hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1));
+            for (int t = 0; t < TT; ++t) {
+                acc[i][t] = _mm512_dpwssd_epi32(acc[i][t], lo, xl[t]);
+                acc[i][t] = _mm512_dpwssd_epi32(acc[i][t], hi, xh[t]);
+            }
+        }
+        if (++u == upg) {
+            for (int i = 0; i < R; ++i) {
+                const float unit = s2[i * G + g] * (1.f / 64.f);
+                for (int t = 0; t < TT; ++t) {
+                    out[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][t]), _mm512_set1_ps(unit * q.sx[t * G + g]),
+                                                out[i][t]);
+                    acc[i][t] = _mm512_setzero_si512();
+                }
+            }
+            u = 0;
+            ++g;
+        }
+    }
+    for (int i = 0; i < R; ++i)
+        for (int t = 0; t < TT; ++t)
+            y[t * ldy + i] = hsum(_mm512_add_ps(out[i][t], dot_lanes(zc + i * G, q.xs + t * G, G)));
+}
+
+template <int NP>
+RowDotI16 pick_codes(int tt) {
+    switch (tt) {
+        case 8: return row_dot_codes<NP, 8>;
+        case 4: return row_dot_codes<NP, 4>;
+        case 3: return row_dot_codes<NP, 3>;
+        case 2: return row_dot_codes<NP, 2>;
+        default: return row_dot_codes<NP, 1>;
+    }
+}
+
+template <int NP>
+RowDotI16 pick_codes4(int tt) {
+    return tt == 2 ? rows4_dot_codes<NP, 2> : tt == 1 ? rows4_dot_codes<NP, 1> : nullptr;
+}
+
+// The byte-code kernel for a width and a token tile: one row at a time, or 4 (tiles of 1 or 2 tokens; else null).
+RowDotI16 dot_codes_for(int bits, int tt, bool four = false) {
+    switch (bits) {
+        case 2: return four ? pick_codes4<2>(tt) : pick_codes<2>(tt);
+        case 3: return four ? pick_codes4<3>(tt) : pick_codes<3>(tt);
+        case 4: return four ? pick_codes4<4>(tt) : pick_codes<4>(tt);
+        case 5: return four ? pick_codes4<5>(tt) : pick_codes<5>(tt);
+        case 6: return four ? pick_codes4<6>(tt) : pick_codes<6>(tt);
+        case 7: return four ? pick_codes4<7>(tt) : pick_codes<7>(tt);
+        default: return four ? pick_codes4<8>(tt) : pick_codes<8>(tt);
+    }
+}
+
 // The GFNI kernel for NP planes and a tile of tt tokens: one row at a time, or 8 (rows8_dot_gfni).
 template <int NP, bool EIGHT>
 RowDotI16 pick_gfni(int tt) {
@@ -334,11 +452,13 @@ RowDotI16 dot_gfni_for(int bits, int tt, bool eight = false) {
 #else
 constexpr int kGfniMaxTokens = 0;
 RowDotI16 dot_gfni_for(int, int, bool = false) { return nullptr; }
+RowDotI16 dot_codes_for(int, int, bool = false) { return nullptr; }
 #endif
 #else
 constexpr int kI16MaxTokens = 0;
 constexpr int kGfniMaxTokens = 0;
 RowDotI16 dot_gfni_for(int, int, bool = false) { return nullptr; }
+RowDotI16 dot_codes_for(int, int, bool = false) { return nullptr; }
 #endif
 
 }  // namespace
