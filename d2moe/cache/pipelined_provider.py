@@ -38,6 +38,7 @@ from d2moe.models.expert_provider import PREFETCH_MAX_TOKENS, Demand, ExpertFn, 
 from d2moe.quant.kernels import BoundExpert
 from d2moe.quant.pack import PackedMatrix, SliceArrays, assemble_expert, slice_arrays
 from d2moe.storage.reader import StoreReader
+from d2moe.util.signals import interrupts_deferred
 
 DEMAND, PREFETCH = 0, 1  # priority classes of the I/O queue
 SURE_PREFETCH = 0.8  # a prediction rank right this often is prefetched whole; others only their base
@@ -199,9 +200,10 @@ class PipelinedProvider:
         if not all(self.kernel.can_hold_codes(pm) for pm in packed.values()):
             self._no_codes.add((pos, expert))
             return None
-        codes = {name: self.kernel.to_codes(pm) for name, pm in packed.items()}
-        cache.hold_as_codes(pos, expert)
-        self._codes[(pos, expert)] = codes  # type: ignore[assignment]
+        with interrupts_deferred():  # a Ctrl-C must not leave matrices rewritten but not recorded as codes
+            codes = {name: self.kernel.to_codes(pm) for name, pm in packed.items()}
+            cache.hold_as_codes(pos, expert)
+            self._codes[(pos, expert)] = codes  # type: ignore[assignment]
         return codes  # type: ignore[return-value]
 
     # --- the ExpertProvider interface ---------------------------------------------------------------

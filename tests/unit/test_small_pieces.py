@@ -66,3 +66,21 @@ def test_perplexity_definition():
 
     res = perplexity([i % V for i in range(9)], uniform, 9, 4)
     assert res.predicted == 6 and math.isclose(res.perplexity, V, rel_tol=1e-6)
+
+
+def test_interrupts_wait_for_the_end_of_a_deferred_block() -> None:
+    """util/signals.py: a Ctrl-C inside the block is raised after it, never in the middle."""
+    import os
+    import signal
+
+    from d2moe.util.signals import interrupts_deferred
+
+    done = []
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("rewritten")
+            done.append("recorded")
+    except KeyboardInterrupt:
+        done.append("interrupted")
+    assert done == ["rewritten", "recorded", "interrupted"]
