@@ -55,7 +55,9 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(store):
     proc = subprocess.Popen([sys.executable, "-m", "d2moe.cli", "chat", "--model", str(store), "--threads", "1",
                              "--context", "250", "--max-tokens", "220", "--temperature", "0.8"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ})
+                            env={**os.environ},
+                            # as at a terminal: a test run started as a background job inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write("Hi\n")
         proc.stdin.flush()

@@ -76,6 +76,8 @@ def test_interrupts_wait_for_the_end_of_a_deferred_block() -> None:
     from d2moe.util.signals import interrupts_deferred
 
     done = []
+    # Python's own handler, even where the run inherited SIGINT ignored (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
@@ -83,4 +85,6 @@ def test_interrupts_wait_for_the_end_of_a_deferred_block() -> None:
             done.append("recorded")
     except KeyboardInterrupt:
         done.append("interrupted")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert done == ["rewritten", "recorded", "interrupted"]
