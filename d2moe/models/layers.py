@@ -306,6 +306,21 @@ def _decode_kernel(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cf
     return None if out is None else out.reshape(B, 1, -1)
 
 
+def _one_token_kernel(qkv: torch.Tensor, cfg: ModelConfig, rope: Rope, cache: KVCache, layer: int,
+                      start: int) -> torch.Tensor | None:
+    """`attention`'s fused path for one token of one sequence, from qkv [1, 1, (nH + 2 nKV) D] to the heads'
+    output [nH D] in one kernel call (rotate, cache write and attend, the same bits); None where it does not
+    apply (no build, a mask, sinks, value dims unlike key dims, not fp32): the caller runs the ops."""
+    kernel = load_kernel()
+    keys, values = cache.k[layer], cache.v[layer]
+    if (kernel is None or cfg.attention_sinks or layer in cfg.sliding_layers or layer in cfg.chunked_layers
+            or qkv.dtype != torch.float32 or keys.dtype != torch.float32 or keys.shape != values.shape
+            or not (keys.is_contiguous() and values.is_contiguous() and qkv.is_contiguous())):
+        return None
+    return kernel.decode_rope_attention(qkv, cfg.num_heads, cfg.num_kv_heads, rope.cos_h[start], rope.sin_signed_h[start],
+                                        keys, values, start, cfg.softmax_scale or cfg.head_dim ** -0.5)
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
                      lengths: torch.Tensor, cfg: ModelConfig) -> torch.Tensor | None:
     """q [n, nH, D], one query per sequence, against keys/values [slots, nKV, len, D] rows `slots` over their
@@ -341,6 +356,8 @@ def attention(
     fused = w.get(prefix + "wqkv")
     if fused is not None and cfg.qk_norm == "none" and cfg.rope_dim == D and not cfg.nope_layers:
         qkv = linear(x, fused, w.get(prefix + "bqkv"))  # [B, T, (nH + 2 nKV) D]
+        if B == 1 and T == 1 and (out := _one_token_kernel(qkv, cfg, rope, cache, layer, start)) is not None:
+            return linear(out.view(1, 1, -1), w[prefix + "wo"], w.get(prefix + "bo"))
         qk = rope.rotate(qkv[..., : (nH + nKV) * D].view(B, T, nH + nKV, D), start)
         q, k = qk[:, :, :nH], qk[:, :, nH:]  # [B, T, nH, D], [B, T, nKV, D]
         v = qkv[..., (nH + nKV) * D :].view(B, T, nKV, D)

@@ -86,8 +86,38 @@ def test_decoder_one_token_steps_use_it_and_agree_with_sdpa(tiny_checkpoints, tm
 
     calls = []
     real = layers._decode_kernel
+    monkeypatch.setattr(layers, "_one_token_kernel", lambda *a: None)  # its one-call path: the test below
     monkeypatch.setattr(layers, "_decode_kernel", lambda *a: calls.append(1) or real(*a))
     fast = run()
     assert calls  # the decode steps took the kernel
     monkeypatch.setattr(layers, "_decode_kernel", lambda *a: None)
     torch.testing.assert_close(fast, run(), atol=1e-4, rtol=1e-4)
+
+
+def test_one_call_decode_attention_gives_the_op_by_op_bits(tiny_checkpoints, tmp_path, monkeypatch):
+    """layers.attention's one-token path (rotate, cache write and attend in one kernel call) against the same
+    steps op by op: the same logits and the same cache, bit for bit, over several positions."""
+    from d2moe.convert.convert import convert
+    from d2moe.engine.model import open_model
+    from d2moe.models import layers
+
+    _kernel()
+    store = convert(tiny_checkpoints["mixtral"], tmp_path / "m.d2m", progress=False)
+    ids = torch.tensor([[5, 17, 33, 90, 4, 61, 7, 8, 9, 40, 41, 42]])
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with open_model(store) as m:
+            cache = m.decoder.new_cache(1, 32)
+            outs = [m.decoder.forward(ids[:, :3], cache, bits=8)]
+            outs += [m.decoder.forward(ids[:, t : t + 1], cache, bits=8) for t in range(3, 12)]
+            return torch.cat(outs, 1), cache.k + cache.v
+
+    calls = []
+    real = layers._one_token_kernel
+    monkeypatch.setattr(layers, "_one_token_kernel", lambda *a: (out := real(*a)) is not None and calls.append(1) or out)
+    fast, fast_cache = run()
+    assert len(calls) == 9 * 2  # every decode step, in each of the model's 2 layers
+    monkeypatch.setattr(layers, "_one_token_kernel", lambda *a: None)
+    slow, slow_cache = run()
+    assert torch.equal(fast, slow)
+    assert all(torch.equal(a, b) for a, b in zip(fast_cache, slow_cache))

@@ -435,6 +435,48 @@ int mwq_f16_linear(const uint16_t* w, int64_t N, int64_t K, const float* x, int6
 #endif
 }
 
+// The single-request decoder's attention for one new token in one call (models/layers.py `attention`'s fused
+// path): q and k of qkv [(nH + 2 nKV) D] rotated as Rope.rotate does (x cos + roll(x, D/2) sin_signed: the
+// product x cos rounded, then one fused multiply-add, as torch's addcmul), k and v written at position pos
+// of the layer's cache ([nKV, max_len, D] each), then attend_one over pos + 1 positions, as
+// mwq_decode_attention: the same bits as the op-by-op path, ~20 torch ops and their dispatch saved a layer.
+int mwq_decode_rope_attention(const float* qkv, int64_t nH, int64_t nKV, int64_t D, const float* cos,
+                              const float* sin, float* kc, float* vc, int64_t max_len, int64_t pos, float scale,
+                              float* out, int nthreads) {
+#if defined(__AVX512F__)
+    if (D % 32 != 0 || nKV <= 0 || nH % nKV != 0 || pos < 0 || pos >= max_len) return -1;
+    const int64_t half = D / 2, group = nH / nKV;
+    std::vector<float> q((size_t)(nH * D));
+    auto rotate = [&](const float* x, float* y) {
+        for (int64_t d = 0; d < D; d += 16) {
+            const int64_t r = d < half ? d + half : d - half;  // roll(x, D/2)[d] = x[d - D/2 mod D]
+            const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(cos + d));
+            _mm512_storeu_ps(y + d, _mm512_fmadd_ps(_mm512_loadu_ps(x + r), _mm512_loadu_ps(sin + d), t));
+        }
+    };
+    for (int64_t h = 0; h < nH; ++h) rotate(qkv + h * D, q.data() + h * D);
+    for (int64_t h = 0; h < nKV; ++h) {
+        rotate(qkv + (nH + h) * D, kc + (h * max_len + pos) * D);
+        std::memcpy(vc + (h * max_len + pos) * D, qkv + (nH + nKV + h) * D, D * sizeof(float));
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<float> scores(pos + 17);
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < nH; ++h) {
+            const int64_t kv = h / group;
+            attend_one(q.data() + h * D, kc + kv * max_len * D, vc + kv * max_len * D, pos + 1, D, D, scale,
+                       scores.data(), out + h * D);
+        }
+    }
+    return 0;
+#else
+    (void)qkv, (void)nH, (void)nKV, (void)D, (void)cos, (void)sin, (void)kc, (void)vc, (void)max_len, (void)pos;
+    (void)scale, (void)out, (void)nthreads;
+    return -1;
+#endif
+}
+
 // Decode attention (mwq_attention.h): n queries q [n, nH, Dk], query i of sequence slots[i] with lengths[i]
 // cached positions; keys of (slot, kv head) at k + slot * k_slot + head * k_head, rows of Dk floats (values
 // likewise with Dv). out [n, nH, Dv]. Returns -1 where this build has no kernel or Dk, Dv % 16 != 0.
