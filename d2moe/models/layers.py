@@ -306,19 +306,20 @@ def _decode_kernel(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cf
     return None if out is None else out.reshape(B, 1, -1)
 
 
-def _one_token_kernel(qkv: torch.Tensor, cfg: ModelConfig, rope: Rope, cache: KVCache, layer: int,
-                      start: int) -> torch.Tensor | None:
-    """`attention`'s fused path for one token of one sequence, from qkv [1, 1, (nH + 2 nKV) D] to the heads'
-    output [nH D] in one kernel call (rotate, cache write and attend, the same bits); None where it does not
-    apply (no build, a mask, sinks, value dims unlike key dims, not fp32): the caller runs the ops."""
+def decode_rows_kernel(qkv: torch.Tensor, cfg: ModelConfig, rope: Rope, keys: torch.Tensor, values: torch.Tensor,
+                       layer: int, slots: list[int], positions: list[int]) -> torch.Tensor | None:
+    """Attention of decode rows from their fused q|k|v, qkv [n, (nH + 2 nKV) D], to the heads' output
+    [n, nH D] in one kernel call: row i one new token of cache slot slots[i] at positions[i] (rotate, cache
+    write, attend; the same bits as `attention`'s ops). None where it does not apply (no build, a mask, sinks,
+    partial or no rotary, q/k norm, value dims unlike key dims, not fp32): the caller runs the ops."""
     kernel = load_kernel()
-    keys, values = cache.k[layer], cache.v[layer]
     if (kernel is None or cfg.attention_sinks or layer in cfg.sliding_layers or layer in cfg.chunked_layers
+            or cfg.qk_norm != "none" or cfg.rope_dim != cfg.head_dim or layer in cfg.nope_layers
             or qkv.dtype != torch.float32 or keys.dtype != torch.float32 or keys.shape != values.shape
-            or not (keys.is_contiguous() and values.is_contiguous() and qkv.is_contiguous())):
+            or not qkv.is_contiguous() or max(positions) >= rope.cos_h.shape[0]):
         return None
-    return kernel.decode_rope_attention(qkv, cfg.num_heads, cfg.num_kv_heads, rope.cos_h[start], rope.sin_signed_h[start],
-                                        keys, values, start, cfg.softmax_scale or cfg.head_dim ** -0.5)
+    return kernel.decode_rope_attention(qkv, cfg.num_heads, cfg.num_kv_heads, rope.cos_h[:, 0], rope.sin_signed_h[:, 0],
+                                        keys, values, slots, positions, cfg.softmax_scale or cfg.head_dim ** -0.5)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
@@ -356,7 +357,8 @@ def attention(
     fused = w.get(prefix + "wqkv")
     if fused is not None and cfg.qk_norm == "none" and cfg.rope_dim == D and not cfg.nope_layers:
         qkv = linear(x, fused, w.get(prefix + "bqkv"))  # [B, T, (nH + 2 nKV) D]
-        if B == 1 and T == 1 and (out := _one_token_kernel(qkv, cfg, rope, cache, layer, start)) is not None:
+        if B == 1 and T == 1 and (out := decode_rows_kernel(qkv.view(1, -1), cfg, rope, cache.k[layer],
+                                                            cache.v[layer], layer, [0], [start])) is not None:
             return linear(out.view(1, 1, -1), w[prefix + "wo"], w.get(prefix + "bo"))
         qk = rope.rotate(qkv[..., : (nH + nKV) * D].view(B, T, nH + nKV, D), start)
         q, k = qk[:, :, :nH], qk[:, :, nH:]  # [B, T, nH, D], [B, T, nKV, D]

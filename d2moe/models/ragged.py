@@ -45,6 +45,7 @@ from d2moe.models.layers import (
     attend,
     causal_mask,
     decode_attention,
+    decode_rows_kernel,
     kv_cache_dims,
     linear,
     norm,
@@ -258,7 +259,16 @@ def ragged_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, ro
                      plan: StepPlan, positions: torch.Tensor, slots: torch.Tensor,
                      padded: bool = False) -> torch.Tensor:
     """`layers.attention` for a step's rows: projections and positions over all rows, k/v written to each
-    row's slot and position, the core (`layers.attend`) per sequence. x [1, N, H] -> [1, N, H]."""
+    row's slot and position, the core (`layers.attend`) per sequence. x [1, N, H] -> [1, N, H]. A step of
+    decode rows only takes one kernel call after the fused projection (`layers.decode_rows_kernel`, the same
+    bits)."""
+    fused = w.get(prefix + "wqkv")
+    if not padded and fused is not None and plan.decode_rows == plan.rows:
+        qkv = plan.linear(x, fused, w.get(prefix + "bqkv"))[0]  # [N, (nH + 2 nKV) D]
+        out = decode_rows_kernel(qkv.contiguous(), cfg, rope, pool.k[layer], pool.v[layer], layer,
+                                 [s.slot for s in plan.segments], [s.start for s in plan.segments])
+        if out is not None:
+            return plan.linear(out[None], w[prefix + "wo"], w.get(prefix + "bo"))
     q, k, v = qkv_heads(x, w, prefix, cfg, plan.linear)  # [1, N, h, D]
     q, k = positioned(q, k, cfg, rope, positions, layer)
     pool.k[layer][slots, :, positions] = k[0]  # [N, nKV, D] into (slot, :, position)

@@ -86,7 +86,7 @@ def test_decoder_one_token_steps_use_it_and_agree_with_sdpa(tiny_checkpoints, tm
 
     calls = []
     real = layers._decode_kernel
-    monkeypatch.setattr(layers, "_one_token_kernel", lambda *a: None)  # its one-call path: the test below
+    monkeypatch.setattr(layers, "decode_rows_kernel", lambda *a: None)  # its one-call path: the test below
     monkeypatch.setattr(layers, "_decode_kernel", lambda *a: calls.append(1) or real(*a))
     fast = run()
     assert calls  # the decode steps took the kernel
@@ -113,11 +113,11 @@ def test_one_call_decode_attention_gives_the_op_by_op_bits(tiny_checkpoints, tmp
             return torch.cat(outs, 1), cache.k + cache.v
 
     calls = []
-    real = layers._one_token_kernel
-    monkeypatch.setattr(layers, "_one_token_kernel", lambda *a: (out := real(*a)) is not None and calls.append(1) or out)
+    real = layers.decode_rows_kernel
+    monkeypatch.setattr(layers, "decode_rows_kernel", lambda *a: (out := real(*a)) is not None and calls.append(1) or out)
     fast, fast_cache = run()
     assert len(calls) == 9 * 2  # every decode step, in each of the model's 2 layers
-    monkeypatch.setattr(layers, "_one_token_kernel", lambda *a: None)
+    monkeypatch.setattr(layers, "decode_rows_kernel", lambda *a: None)
     slow, slow_cache = run()
     assert torch.equal(fast, slow)
     assert all(torch.equal(a, b) for a, b in zip(fast_cache, slow_cache))

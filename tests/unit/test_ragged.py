@@ -141,3 +141,19 @@ def test_kv_pool_has_the_single_request_cache_layout(attention):
     pool, cache = KVPool(cfg, 3, 40), KVCache(cfg, 3, 40)
     assert [t.shape for t in pool.k + pool.v] == [t.shape for t in cache.k + cache.v]
     assert KVPool.nbytes_for(cfg, 3, 40) == cache.nbytes()
+
+
+def test_decode_steps_in_one_attention_call_give_the_op_by_op_logprobs(store, one_thread, monkeypatch):
+    """A step of decode rows takes one kernel call for its attention (`layers.decode_rows_kernel`): the same
+    tokens and bit-identical logprobs as the op-by-op path, batched and alone."""
+    from d2moe.models import layers, ragged
+
+    calls = []
+    real = layers.decode_rows_kernel
+    with open_model(store, EngineConfig(context=200, kv_slots=8)) as model:
+        reqs = _requests(model, n=5, max_tokens=8)
+        monkeypatch.setattr(ragged, "decode_rows_kernel", lambda *a: (o := real(*a)) is not None and calls.append(1) or o)
+        fast = _run(model, reqs, 5)
+        assert calls  # decode steps took the kernel
+        monkeypatch.setattr(ragged, "decode_rows_kernel", lambda *a: None)
+        assert _run(model, reqs, 5) == fast

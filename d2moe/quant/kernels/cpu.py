@@ -101,8 +101,8 @@ class CpuKernel:
         self.lib.mwq_width_rule.argtypes = [vp, vp, vp, vp, i64, ctypes.c_double, i64, vp]
         self.lib.mwq_decode_attention.argtypes = [vp, i64, i64, i64, i64, i64, vp, i64, i64, vp, i64, i64, vp, vp,
                                                   ctypes.c_float, vp, i32]
-        self.lib.mwq_decode_rope_attention.argtypes = [vp, i64, i64, i64, vp, vp, vp, vp, i64, i64, ctypes.c_float,
-                                                       vp, i32]
+        self.lib.mwq_decode_rope_attention.argtypes = [vp, i64, i64, i64, i64, vp, vp, vp, i64, i64, vp, i64, i64,
+                                                       vp, vp, i64, ctypes.c_float, vp, i32]
         for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_decode_rows, self.lib.mwq_experts_ffn,
                   self.lib.mwq_invariant_tokens, self.lib.mwq_int8_linear, self.lib.mwq_rms_norm,
                   self.lib.mwq_f16_linear, self.lib.mwq_decode_attention, self.lib.mwq_width_rule,
@@ -168,16 +168,21 @@ class CpuKernel:
         return None if rc else out
 
     def decode_rope_attention(self, qkv: Tensor, nH: int, nKV: int, cos: Tensor, sin: Tensor, keys: Tensor,
-                              values: Tensor, pos: int, scale: float) -> Tensor | None:
-        """One new token of one sequence in one call: q and k of qkv [(nH + 2 nKV) D] fp32 rotated (cos and
-        sin_signed rows [D] of Rope), k and v written at `pos` of one layer's cache (keys, values [1, nKV,
-        max_len, D] fp32 contiguous), attention over pos + 1 positions -> [nH * D]. The same bits as rotate,
-        the cache writes and decode_attention one by one; None where this build or shape has no kernel."""
-        D = keys.shape[3]
-        out = torch.empty(nH * D, dtype=torch.float32)
+                              values: Tensor, slots: list[int], positions: list[int], scale: float) -> Tensor | None:
+        """Decode rows' attention in one call: row i of qkv [n, (nH + 2 nKV) D] fp32 contiguous is one new
+        token of cache slot slots[i] at positions[i]; q and k rotated (cos, sin_signed tables [P, D] of Rope,
+        contiguous), k and v written into keys / values [slots, nKV, max_len, D] fp32 (rows contiguous),
+        attention over positions[i] + 1 positions -> [n, nH * D]. The same bits as rotate, the cache writes
+        and decode_attention one by one; None where this build or shape has no kernel."""
+        n, D = qkv.shape[0], keys.shape[3]
+        if (keys.stride(3) != 1 or values.stride(3) != 1 or keys.stride(2) != D or values.stride(2) != D
+                or values.shape[3] != D or cos.shape[-1] != D):
+            return None
+        out = torch.empty(n, nH * D, dtype=torch.float32)
         rc = self.lib.mwq_decode_rope_attention(
-            qkv.data_ptr(), nH, nKV, D, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
-            keys.shape[2], pos, scale, out.data_ptr(), torch.get_num_threads())
+            qkv.data_ptr(), n, nH, nKV, D, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), keys.stride(0),
+            keys.stride(1), values.data_ptr(), values.stride(0), values.stride(1), (ctypes.c_int64 * n)(*slots),
+            (ctypes.c_int64 * n)(*positions), keys.shape[2], scale, out.data_ptr(), torch.get_num_threads())
         return None if rc else out
 
     def width_rule(self, layer: WidthRuleLayer, x: Tensor, idx: list[int], weight: list[float], price: float,

@@ -435,44 +435,58 @@ int mwq_f16_linear(const uint16_t* w, int64_t N, int64_t K, const float* x, int6
 #endif
 }
 
-// The single-request decoder's attention for one new token in one call (models/layers.py `attention`'s fused
-// path): q and k of qkv [(nH + 2 nKV) D] rotated as Rope.rotate does (x cos + roll(x, D/2) sin_signed: the
-// product x cos rounded, then one fused multiply-add, as torch's addcmul), k and v written at position pos
-// of the layer's cache ([nKV, max_len, D] each), then attend_one over pos + 1 positions, as
-// mwq_decode_attention: the same bits as the op-by-op path, ~20 torch ops and their dispatch saved a layer.
-int mwq_decode_rope_attention(const float* qkv, int64_t nH, int64_t nKV, int64_t D, const float* cos,
-                              const float* sin, float* kc, float* vc, int64_t max_len, int64_t pos, float scale,
-                              float* out, int nthreads) {
+// Decode rows' attention in one call: row i is one new token of the sequence in cache slot slots[i] at
+// position positions[i] (models/layers.py `attention` for one token, models/ragged.py for a step of decode
+// rows). Its q and k of qkv [n, (nH + 2 nKV) D] are rotated as Rope.rotate does (x cos + roll(x, D/2)
+// sin_signed with the tables' row at the position: the product x cos rounded, then one fused multiply-add,
+// as torch's addcmul), k and v written at the position of its slot (keys of (slot, kv head) at k + slot *
+// k_slot + head * k_head, rows of D floats; values likewise), then attend_one over position + 1 cached
+// positions, as mwq_decode_attention. The same bits as those steps op by op, ~20 torch ops a layer saved.
+// cos, sin: [P, D] tables. out [n, nH * D]. Rows must not share a slot.
+int mwq_decode_rope_attention(const float* qkv, int64_t n, int64_t nH, int64_t nKV, int64_t D, const float* cos,
+                              const float* sin, float* kc, int64_t k_slot, int64_t k_head, float* vc,
+                              int64_t v_slot, int64_t v_head, const int64_t* slots, const int64_t* positions,
+                              int64_t max_len, float scale, float* out, int nthreads) {
 #if defined(__AVX512F__)
-    if (D % 32 != 0 || nKV <= 0 || nH % nKV != 0 || pos < 0 || pos >= max_len) return -1;
-    const int64_t half = D / 2, group = nH / nKV;
-    std::vector<float> q((size_t)(nH * D));
-    auto rotate = [&](const float* x, float* y) {
-        for (int64_t d = 0; d < D; d += 16) {
-            const int64_t r = d < half ? d + half : d - half;  // roll(x, D/2)[d] = x[d - D/2 mod D]
-            const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(cos + d));
-            _mm512_storeu_ps(y + d, _mm512_fmadd_ps(_mm512_loadu_ps(x + r), _mm512_loadu_ps(sin + d), t));
+    if (D % 32 != 0 || nKV <= 0 || nH % nKV != 0 || n <= 0) return -1;
+    int64_t longest = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        if (positions[i] < 0 || positions[i] >= max_len) return -1;
+        longest = positions[i] + 1 > longest ? positions[i] + 1 : longest;
+    }
+    const int64_t half = D / 2, group = nH / nKV, width = (nH + 2 * nKV) * D;
+    std::vector<float> q((size_t)(n * nH * D));
+    for (int64_t i = 0; i < n; ++i) {
+        const float *c = cos + positions[i] * D, *s = sin + positions[i] * D, *x = qkv + i * width;
+        auto rotate = [&](const float* xh, float* y) {
+            for (int64_t d = 0; d < D; d += 16) {
+                const int64_t r = d < half ? d + half : d - half;  // roll(x, D/2)[d] = x[d - D/2 mod D]
+                const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(xh + d), _mm512_loadu_ps(c + d));
+                _mm512_storeu_ps(y + d, _mm512_fmadd_ps(_mm512_loadu_ps(xh + r), _mm512_loadu_ps(s + d), t));
+            }
+        };
+        for (int64_t h = 0; h < nH; ++h) rotate(x + h * D, q.data() + (i * nH + h) * D);
+        for (int64_t h = 0; h < nKV; ++h) {
+            rotate(x + (nH + h) * D, kc + slots[i] * k_slot + h * k_head + positions[i] * D);
+            std::memcpy(vc + slots[i] * v_slot + h * v_head + positions[i] * D, x + (nH + nKV + h) * D,
+                        D * sizeof(float));
         }
-    };
-    for (int64_t h = 0; h < nH; ++h) rotate(qkv + h * D, q.data() + h * D);
-    for (int64_t h = 0; h < nKV; ++h) {
-        rotate(qkv + (nH + h) * D, kc + (h * max_len + pos) * D);
-        std::memcpy(vc + (h * max_len + pos) * D, qkv + (nH + nKV + h) * D, D * sizeof(float));
     }
 #pragma omp parallel num_threads(nthreads)
     {
-        std::vector<float> scores(pos + 17);
+        std::vector<float> scores(longest + 16);
 #pragma omp for schedule(static)
-        for (int64_t h = 0; h < nH; ++h) {
-            const int64_t kv = h / group;
-            attend_one(q.data() + h * D, kc + kv * max_len * D, vc + kv * max_len * D, pos + 1, D, D, scale,
-                       scores.data(), out + h * D);
+        for (int64_t w = 0; w < n * nH; ++w) {
+            const int64_t i = w / nH, h = w % nH, kv = h / group;
+            attend_one(q.data() + w * D, kc + slots[i] * k_slot + kv * k_head, vc + slots[i] * v_slot + kv * v_head,
+                       positions[i] + 1, D, D, scale, scores.data(), out + w * D);
         }
     }
     return 0;
 #else
-    (void)qkv, (void)nH, (void)nKV, (void)D, (void)cos, (void)sin, (void)kc, (void)vc, (void)max_len, (void)pos;
-    (void)scale, (void)out, (void)nthreads;
+    (void)qkv, (void)n, (void)nH, (void)nKV, (void)D, (void)cos, (void)sin, (void)kc, (void)k_slot, (void)k_head;
+    (void)vc, (void)v_slot, (void)v_head, (void)slots, (void)positions, (void)max_len, (void)scale, (void)out;
+    (void)nthreads;
     return -1;
 #endif
 }
