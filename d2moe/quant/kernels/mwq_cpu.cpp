@@ -61,6 +61,22 @@ RowDot dot_for(int bits, int tt) {
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+RowDecode decode_codes_for(int bits) {
+    switch (bits) {
+        case 2: return row_decode_codes<2>;
+        case 3: return row_decode_codes<3>;
+        case 4: return row_decode_codes<4>;
+        case 5: return row_decode_codes<5>;
+        case 6: return row_decode_codes<6>;
+        case 7: return row_decode_codes<7>;
+        default: return row_decode_codes<8>;
+    }
+}
+#else
+RowDecode decode_codes_for(int) { return nullptr; }
+#endif
+
 RowDecode decode_for(int bits) {
     switch (bits) {
         case 2: return row_decode<2>;
@@ -255,7 +271,7 @@ int mwq_invariant_tokens(const MwqMat* m, int bits) {
 // time so the float copy stays small whatever the matrix).
 int mwq_decode_rows(const MwqMat* m, int bits, int64_t r0, int64_t r1, float* w, int nthreads) {
     if (!supported(*m, bits) || r0 < 0 || r1 > m->out || r0 > r1) return -1;
-    const RowDecode decode = decode_for(bits);
+    const RowDecode decode = decode_for(bits), decode_codes = decode_codes_for(bits);
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t G = m->in / m->group_size;
@@ -263,6 +279,11 @@ int mwq_decode_rows(const MwqMat* m, int bits, int64_t r0, int64_t r1, float* w,
         std::vector<uint8_t> tmp(m->codes ? m->in : 0);
 #pragma omp for schedule(static)
         for (int64_t r = r0; r < r1; ++r) {
+            if (m->codes && decode_codes && m->group_size % 16 == 0) {  // byte codes, read as they are
+                row_coefficients(*m, bits, r, zc.data(), coef.data());
+                decode_codes(*m, r, zc.data(), coef.data(), w + (r - r0) * m->in);
+                continue;
+            }
             if (m->codes) {  // byte codes: the row's planes rebuilt, then the same decode
                 const MwqMat v = planes_of_code_row(*m, r, tmp.data());
                 row_coefficients(v, bits, 0, zc.data(), coef.data());

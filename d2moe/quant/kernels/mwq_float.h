@@ -73,6 +73,30 @@ void row_decode(const MwqMat& m, int64_t r, const float* zc, const float* coef, 
     }
 }
 
+// row_decode on a matrix held as byte codes (mwq_common.h code_row): plane p's 16-column mask is one bit
+// test of 16 code bytes (base bit 0: code bit 6, bit 1: bit 7, plane i: bit 8 - i) instead of a load, the
+// additions are row_decode's in its order: the same floats.
+template <int NP>
+void row_decode_codes(const MwqMat& m, int64_t r, const float* zc, const float* coef, float* w_out) {
+    const int64_t G = m.in / m.group_size, cpg = m.group_size / 16;
+    const uint8_t* codes = code_row(m, r);
+    __m128i sel[NP];
+    for (int p = 0; p < NP; ++p) sel[p] = _mm_set1_epi8((char)(1 << (p == 0 ? 6 : p == 1 ? 7 : 7 - p)));
+    int64_t chunk = 0;
+    for (int64_t g = 0; g < G; ++g) {
+        __m512 c[NP];
+        for (int p = 0; p < NP; ++p) c[p] = _mm512_set1_ps(coef[p * G + g]);
+        const __m512 z = _mm512_set1_ps(zc[g]);
+        for (int64_t j = 0; j < cpg; ++j, ++chunk) {
+            const int64_t col = chunk * 16;
+            const __m128i c16 = _mm_loadu_si128((const __m128i*)(codes + col));
+            __m512 w = z;
+            for (int p = 0; p < NP; ++p) w = _mm512_mask_add_ps(w, _mm_test_epi8_mask(c16, sel[p]), w, c[p]);
+            _mm512_storeu_ps(w_out + col, w);
+        }
+    }
+}
+
 #else
 constexpr bool kAvx512 = false;
 
