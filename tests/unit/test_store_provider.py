@@ -67,3 +67,24 @@ def test_budget_below_one_expert_is_an_error(store):
     model = _lru(store, 2 * base)  # room for the plan's minimum (two 2-bit bases), not for one 8-bit expert
     with pytest.raises(BudgetError, match="below one 8-bit expert"):
         model.provider.check_budget(8)
+
+
+def test_expert_buffers_give_their_memory_back_when_dropped() -> None:
+    """The lru provider's buffers are mappings of their own: an evicted expert's pages leave the process
+    (heap-allocated, they stayed and the process outgrew its cgroup)."""
+    import gc
+
+    from d2moe.cache.store_provider import expert_buffer
+
+    def rss_kib() -> int:
+        return int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS")).split()[1])
+
+    before = rss_kib()
+    bufs = [expert_buffer(8 << 20) for _ in range(4)]
+    for b in bufs:
+        b.fill_(7)
+    assert bufs[0].numel() == 8 << 20 and int(bufs[3][-1]) == 7
+    grown = rss_kib() - before
+    del bufs, b
+    gc.collect()
+    assert grown >= 30 << 10 and rss_kib() - before < grown - (28 << 10)  # ~32 MiB in, ~all of it out
