@@ -103,3 +103,23 @@ def test_only_eight_plane_msb_matrices_become_codes(kernel: CpuKernel) -> None:
             to_codes_reference(pm)
     codes = _as_codes(kernel, _expert(128, 64))
     assert kernel.to_codes(codes["w1"]) is None  # already codes
+
+
+def test_code_experts_take_the_code_kernel_at_any_token_count(kernel: CpuKernel) -> None:
+    """Bound to byte codes, an expert runs the code kernel for a prefill too (no decode to amortise): each
+    token gets the bits it gets alone, within the int16 activations' error of the reference."""
+    from d2moe.quant.kernels import expert_ffn_reference
+
+    codes = _as_codes(kernel, _expert(576, 192, seed=4))
+    bound = BoundExpert(codes, 8, kernel)
+    assert bound.small_t >= 40
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(5))
+    many = bound(x)
+    for t in (0, 17, 39):
+        assert torch.equal(bound(x[t : t + 1]), many[t : t + 1])
+    ref = expert_ffn_reference(x, planes_from_codes_expert(codes), 8)
+    assert float((many - ref).norm() / ref.norm()) < 2e-3
+
+
+def planes_from_codes_expert(codes: dict[str, PackedMatrix]) -> dict[str, PackedMatrix]:
+    return {n: planes_from_codes(pm) for n, pm in codes.items()}

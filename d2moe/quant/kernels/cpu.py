@@ -27,6 +27,10 @@ from d2moe.quant.pack import PackedMatrix, dequantize_packed
 
 DECODE_BLOCK = 1 << 20  # weights decoded to float32 at a time for a many-token product (4 MiB scratch)
 SMALL_T = 16  # tokens up to which the fused register kernel beats decode + GEMM (benchmarks/kernels.py)
+# the same for an expert held as byte codes (quant/codes.py): 128-token prefill, 2 threads, bench8x's 576 x 1536
+# experts (~32 tokens each) 137 -> 290 tok/s; the default model's 576 x 192 (~96 tokens each) 10 % slower in
+# the code kernel than in decode + GEMM, so above this count the GEMM stays
+CODES_T = 64
 _P = ctypes.c_void_p
 
 
@@ -279,6 +283,8 @@ class BoundExpert:
         # it gets alone; the torch fallback's fp32 GEMM depends on the row count, so it runs a token at a time
         self.invariant_tokens = (min(min(kernel.invariant_tokens(pm, bits) for pm in mats), small_t)
                                  if self.fast else 1)
+        if self.fast and all(pm.codes for pm in mats):  # no decode to amortise: the code kernel further up
+            self.small_t = max(small_t, CODES_T)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.fast:  # no compiler, or a group size the kernel does not handle

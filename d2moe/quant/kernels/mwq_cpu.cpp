@@ -99,7 +99,9 @@ bool supported(const MwqMat& m, int bits) {
 inline bool is_msb(const MwqMat& m, int bits) { return bits == 2 || m.scales[0] == nullptr; }
 int int16_kind(const MwqMat& m, int bits, int64_t T) {
     if (m.group_size > 1024) return 0;
-    if (T <= kGfniMaxTokens && m.group_size % 64 == 0 && is_msb(m, bits)) return 2;
+    // byte codes: no decode to amortise, so the code kernel beats decode + GEMM at any token count
+    if ((T <= kGfniMaxTokens || (m.codes && kGfniMaxTokens > 0)) && m.group_size % 64 == 0 && is_msb(m, bits))
+        return 2;
     if (T <= kI16MaxTokens && m.group_size % 32 == 0) return 1;
     return 0;
 }
