@@ -1,7 +1,8 @@
-"""Decode tokens/s of a store with every expert resident, per width (interleaved repeats, medians).
+"""Decode tokens/s of a store with every expert resident, per width (interleaved repeats, medians); with
+`--prefill N`, also the prefill tokens/s of an N-token prompt (llama-bench's pp N).
 
     python -m benchmarks.decode [--model PATH] [--bits 8 4 2] [--tokens 64] [--repeats 3] [--clock wall|cpu]
-                                [--out results/decode.json]
+                                [--prefill 128] [--out results/decode.json]
 
 `--clock cpu` counts the main thread's CPU time with one compute thread: a machine shared with other work
 inflates wall time, not this (use it to compare changes; quote wall time for speed).
@@ -47,12 +48,23 @@ def decode_rate(model, request: Request, clock=time.perf_counter) -> float:
     return (n - 1) / (clock() - t0)
 
 
+def prefill_rate(model, n: int, bits: int, clock=time.perf_counter) -> float:
+    """Prompt tokens per second of `clock` for an n-token prompt (the first token out of prefill)."""
+    vocab = model.decoder.cfg.vocab_size
+    ids = tuple((i * 7919) % (vocab - 100) + 50 for i in range(n))  # fixed, spread over the vocabulary
+    t0 = clock()
+    for _tok in generate(model, Request(ids, SamplingParams(max_tokens=1, stop_on_eos=False), bits)):
+        break
+    return n / (clock() - t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="decode tokens/s with all experts resident")
     ap.add_argument("--model", default=str(default_model_dir()))
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefill", type=int, default=0, help="also time an N-token prompt's prefill (0: no)")
     add_clock_args(ap)
     ap.add_argument("--out", default="results/decode.json")
     args = ap.parse_args(argv)
@@ -62,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in sorted(args.bits, reverse=True):
         model.provider.preload(b)  # 8-bit prefixes serve every lower width
     runs: dict[int, list[float]] = {b: [] for b in args.bits}
+    prefill: dict[int, list[float]] = {b: [] for b in args.bits}
     params = SamplingParams(max_tokens=args.tokens, stop_on_eos=False)
     for b in args.bits:  # warm-up: the first steps of a process pay one-off costs (allocator, kernel setup)
         for _tok in generate(model, Request(ids, SamplingParams(max_tokens=8, stop_on_eos=False), b)):
@@ -69,10 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for b in args.bits:  # interleaved so drift hits every width alike
             runs[b].append(decode_rate(model, Request(ids, params, b), clock))
+            if args.prefill:
+                prefill[b].append(prefill_rate(model, args.prefill, b, clock))
     table = {str(b): {"tokens_per_s": median(v), "runs": v} for b, v in runs.items()}
+    if args.prefill:
+        for b, v in prefill.items():
+            table[str(b)].update(prefill_tokens=args.prefill, prefill_tokens_per_s=median(v), prefill_runs=v)
     out = write_result(args.out, "decode", {"model": args.model, "tokens": args.tokens, "clock": args.clock, "results": table})
     for b, r in table.items():
         print(f"{b}-bit: {r['tokens_per_s']:.1f} tok/s (runs {', '.join(f'{x:.1f}' for x in r['runs'])})")
+        if args.prefill:
+            print(f"{b}-bit: prefill {args.prefill} tokens {r['prefill_tokens_per_s']:.1f} tok/s "
+                  f"(runs {', '.join(f'{x:.1f}' for x in r['prefill_runs'])})")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

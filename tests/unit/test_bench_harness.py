@@ -86,3 +86,20 @@ def test_soak_counts_statuses_server_errors_and_hangs():
                            transport=httpx.MockTransport(handler)))
     assert res["statuses"] == {"200": 12, "500": 2} and res["server_errors_5xx"] == 2
     assert res["failures"] == {"hang": 2} and res["requests"] == 16
+
+
+def test_resident_decode_and_prefill_rates_are_written(tiny_checkpoints, tmp_path):
+    """benchmarks/decode.py: decode tokens/s per width and, with --prefill, the prompt's prefill tokens/s."""
+    import json
+
+    from benchmarks import decode
+    from d2moe.convert.convert import convert
+
+    store = convert(tiny_checkpoints["mixtral"], tmp_path / "m.d2m", progress=False)
+    out = tmp_path / "decode.json"
+    assert decode.main(["--model", str(store), "--bits", "8", "3", "--tokens", "4", "--repeats", "1",
+                        "--prefill", "12", "--threads", "1", "--out", str(out)]) == 0
+    table = json.loads(out.read_text())["results"]
+    for b in ("8", "3"):
+        assert table[b]["tokens_per_s"] > 0 and table[b]["prefill_tokens"] == 12
+        assert table[b]["prefill_tokens_per_s"] > 0 and len(table[b]["prefill_runs"]) == 1
