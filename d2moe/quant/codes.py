@@ -8,7 +8,8 @@ bits). The cache does this to experts it will never evict (every expert fits; se
 Layout, in place of the planes (so no memory is added): code bit 7 = base bit 1, bit 6 = base bit 0, bit
 8 - i = plane i; rows [0, out/4) fill the base array ([out, 2, in/8] bytes), then out/8 rows fill each of
 planes 3..8 ([out, in/8] bytes each). The kernel's version is `mwq_to_codes` (mwq_cpu.cpp); the functions
-here are its torch reference and the way back to planes for the torch paths.
+here are its torch reference and the way back to planes for the torch paths. The conversion needs one
+matrix's codes (out x in bytes) as a transient buffer, only in a cache that holds every expert anyway.
 """
 
 from __future__ import annotations
