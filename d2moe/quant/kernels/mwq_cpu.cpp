@@ -212,7 +212,6 @@ const QuantX* maybe_quantize(QuantBuffers& buf, QuantX& view, const MwqMat& m, i
 
 // Byte codes from planes, in place (see code_row in mwq_common.h); the caller checked the shape.
 void planes_to_codes(MwqMat& m) {
-    const int64_t rb = m.in / 8;
     std::vector<uint8_t> codes(m.out * m.in);
     for (int64_t r = 0; r < m.out; ++r) {
         const uint8_t* pl[8];
@@ -229,7 +228,6 @@ void planes_to_codes(MwqMat& m) {
             c[j] = v;
         }
     }
-    (void)rb;
     m.codes = 1;
     for (int64_t r = 0; r < m.out; ++r) std::memcpy(const_cast<uint8_t*>(code_row(m, r)), codes.data() + r * m.in, m.in);
 }
