@@ -26,6 +26,7 @@ LLAMA_EXTRA = 150 * 2**20  # llama.cpp's allowance on top of the model budget (t
 # llama.cpp's logger thread outlives exit (ggml-org/llama.cpp#22142) and can lose the timing lines or crash the
 # process at exit under load: such a run (no timings, not killed for memory) is rerun at most this many times
 LLAMA_RERUNS = 2
+TIERS = ("max", "high", "balanced", "fast", "min")
 PROMPT = "The history of the city begins with a small settlement on the river, where traders met " * 3
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", nargs="+",
                     default=["llama.cpp Q8_0", "d2moe 8-bit", "d2moe 4-bit", "lru 8-bit", "edgemoe 8-bit",
                              "hobbit 8-bit", "d2moe 8-bit no-stall"],
-                    help="'llama.cpp QUANT' or 'POLICY N-bit [no-stall]' (matryoshka-free equals d2moe at one "
+                    help="'llama.cpp QUANT', 'POLICY N-bit [no-stall]' or 'POLICY TIER' (a calibrated store; matryoshka-free equals d2moe at one "
                          "fixed width: it differs only when widths change)")
     ap.add_argument("--out", default=None, help="default results/bench_MODEL.json")
     ap.add_argument("--no-timeline", dest="timeline", action="store_false", help="skip the timeline run")
@@ -128,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                         res = run_engine(engine, cmd, budget + LLAMA_EXTRA, llama)
                     res.update(reruns=len(failed), failed_attempts=failed)
                 else:
-                    policy, bits = engine.split()[0], int(engine.split()[1].split("-")[0])
-                    extra = ["--no-stall"] if "no-stall" in engine else []
+                    policy, width = engine.split()[0], engine.split()[1]
+                    tier = width if width in TIERS else None  # 'd2moe balanced': router two at that tier
+                    bits = 8 if tier else int(width.split("-")[0])
+                    extra = (["--no-stall"] if "no-stall" in engine else []) + (["--tier", tier] if tier else [])
                     cmd = d2moe_cmd(model.store, budget, policy, bits, args.tokens, args.prompt_tokens, extra)
                     res = run_engine(engine, cmd, budget + overhead, child)
                 res.update(fraction=frac, budget=budget, repeat=rep)

@@ -3,7 +3,7 @@
 The benchmark parent (benchmarks/bench.py) runs this under a memory cgroup with cold caches:
 
     python -m benchmarks.bench_child --model STORE --budget BYTES --policy d2moe --bits 8 \
-        --prompt-tokens 64 --tokens 32 [--no-stall] [--no-prefetch] [--timeline]
+        --prompt-tokens 64 --tokens 32 [--tier T] [--no-stall] [--no-prefetch] [--timeline]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--policy", default="d2moe")
     ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--tier", default=None, help="router two at this tier instead of --bits (calibrated store)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_tokens=args.tokens, stop_on_eos=False)
     out: list[int] = []
     s0 = snapshot()
-    gen = generate(model, Request(ids, params, args.bits))
+    choice = model.width_choice(bits=args.bits, tier=args.tier)
+    gen = generate(model, Request(ids, params, choice.bits, price=choice.price))
     out.append(next(gen))
     s1 = snapshot()
     out.extend(gen)

@@ -103,3 +103,19 @@ def test_resident_decode_and_prefill_rates_are_written(tiny_checkpoints, tmp_pat
     for b in ("8", "3"):
         assert table[b]["tokens_per_s"] > 0 and table[b]["prefill_tokens"] == 12
         assert table[b]["prefill_tokens_per_s"] > 0 and len(table[b]["prefill_runs"]) == 1
+
+
+def test_bench_child_runs_a_tier_on_a_calibrated_store(tiny_checkpoints, tmp_path, capsys):
+    """`bench --engines "d2moe balanced"` runs router two at that tier: the widths computed are mixed."""
+    import json
+
+    from benchmarks import bench_child
+    from d2moe.convert.convert import convert
+    from tiny_calibration import calibrate_randomly
+
+    store = convert(tiny_checkpoints["mixtral"], tmp_path / "m.d2m", progress=False)
+    calibrate_randomly(store)
+    assert bench_child.main(["--model", str(store), "--tier", "fast", "--tokens", "6", "--prompt-tokens", "8",
+                             "--threads", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["avg_bits_computed"] < 8 and len(res["widths_computed"]) >= 2
