@@ -26,3 +26,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    """The compiled CPU kernel; tests of its fast paths skip where it cannot be built."""
+    from d2moe.quant.kernels import load_kernel
+
+    k = load_kernel()
+    if k is None:
+        pytest.skip("no C++ compiler: the torch path is the only path")
+    return k

@@ -8,20 +8,12 @@ import torch
 
 from d2moe.config import MWQConfig
 from d2moe.quant.codes import can_hold_codes, codes_of, planes_from_codes, read_codes, to_codes_reference
-from d2moe.quant.kernels import BoundExpert, CpuKernel, expert_ffn, load_kernel
+from d2moe.quant.kernels import BoundExpert, CpuKernel, expert_ffn
 from d2moe.quant.mwq import quantize
 from d2moe.quant.pack import ExpertLayout, PackedMatrix, dequantize_packed, pack_expert, unpack_expert
 
 # (H, I): 576/192 the default model's expert (9 and 3 chunks of 64 a row), 1024/640 whole 512-column blocks
 SHAPES = [(576, 192), (1024, 640), (128, 64)]
-
-
-@pytest.fixture(scope="module")
-def kernel() -> CpuKernel:
-    k = load_kernel()
-    if k is None:
-        pytest.skip("no C++ compiler: the torch path is the only path")
-    return k
 
 
 def _expert(h: int, i: int, method: str = "msb", seed: int = 0) -> dict[str, PackedMatrix]:

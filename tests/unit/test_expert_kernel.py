@@ -24,14 +24,6 @@ TOL_INT16 = 2e-3
 SHAPES = [(576, 192, 64), (80, 48, 16), (96, 160, 32), (128, 256, 128), (40, 24, 8), (1024, 640, 64), (512, 1024, 128)]
 
 
-@pytest.fixture(scope="module")
-def kernel() -> CpuKernel:
-    k = load_kernel()
-    if k is None:
-        pytest.skip("no C++ compiler: the torch path is the only path")
-    return k
-
-
 @pytest.fixture(autouse=True)
 def _one_thread() -> object:
     """Small experts: one thread is faster and immune to other jobs holding a core (2 threads tested apart)."""

@@ -137,7 +137,7 @@ inline const uint8_t* code_row(const MwqMat& m, int64_t r) {
 
 // Row r's base and plane bytes rebuilt from its codes into tmp (8 * in/8 bytes: b0, b1, planes 3..8, as
 // row_planes reads them), and a one-row planes view of it: the kernels that read planes run on rows of a
-// byte-code matrix through this (prefill decode, float activations), with the same bits as on the planes.
+// byte-code matrix through this (float activations), with the same bits as on the planes.
 inline MwqMat planes_of_code_row(const MwqMat& m, int64_t r, uint8_t* tmp) {
     const int64_t rb = m.in / 8, G = m.in / m.group_size;
     const uint8_t* c = code_row(m, r);

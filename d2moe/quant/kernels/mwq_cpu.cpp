@@ -210,23 +210,19 @@ const QuantX* maybe_quantize(QuantBuffers& buf, QuantX& view, const MwqMat& m, i
     return &view;
 }
 
-// Byte codes from planes, in place (see code_row in mwq_common.h); the caller checked the shape.
+// Byte codes from planes, in place (see code_row in mwq_common.h); the caller checked the shape (in % 64 == 0)
+// and that this build has the code kernels.
 void planes_to_codes(MwqMat& m) {
     std::vector<uint8_t> codes(m.out * m.in);
     for (int64_t r = 0; r < m.out; ++r) {
         const uint8_t* pl[8];
         row_planes(m, 8, r, pl);
         uint8_t* c = codes.data() + r * m.in;
-        int64_t j = 0;
 #if defined(__AVX512F__) && defined(__GFNI__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
-        for (; j + 64 <= m.in; j += 64) _mm512_storeu_si512(c + j, msb_codes64<8>(pl, j / 8));
+        for (int64_t j = 0; j < m.in; j += 64) _mm512_storeu_si512(c + j, msb_codes64<8>(pl, j / 8));
+#else
+        (void)pl, (void)c;  // unreachable: mwq_to_codes refuses builds without the code kernels
 #endif
-        for (; j < m.in; ++j) {
-            const int64_t k = j / 8, t = j % 8;
-            uint8_t v = (uint8_t)(((pl[1][k] >> t) & 1) << 7 | ((pl[0][k] >> t) & 1) << 6);
-            for (int i = 3; i <= 8; ++i) v |= (uint8_t)(((pl[i - 1][k] >> t) & 1) << (8 - i));
-            c[j] = v;
-        }
     }
     m.codes = 1;
     for (int64_t r = 0; r < m.out; ++r) std::memcpy(const_cast<uint8_t*>(code_row(m, r)), codes.data() + r * m.in, m.in);
@@ -271,27 +267,16 @@ int mwq_invariant_tokens(const MwqMat* m, int bits) {
 // time so the float copy stays small whatever the matrix).
 int mwq_decode_rows(const MwqMat* m, int bits, int64_t r0, int64_t r1, float* w, int nthreads) {
     if (!supported(*m, bits) || r0 < 0 || r1 > m->out || r0 > r1) return -1;
+    // byte codes exist only where mwq_to_codes found the code kernels (AVX-512), so decode_codes is set then
     const RowDecode decode = decode_for(bits), decode_codes = decode_codes_for(bits);
 #pragma omp parallel num_threads(nthreads)
     {
         const int64_t G = m->in / m->group_size;
         std::vector<float> zc(G), coef(bits * G);
-        std::vector<uint8_t> tmp(m->codes ? m->in : 0);
 #pragma omp for schedule(static)
         for (int64_t r = r0; r < r1; ++r) {
-            if (m->codes && decode_codes && m->group_size % 16 == 0) {  // byte codes, read as they are
-                row_coefficients(*m, bits, r, zc.data(), coef.data());
-                decode_codes(*m, r, zc.data(), coef.data(), w + (r - r0) * m->in);
-                continue;
-            }
-            if (m->codes) {  // byte codes: the row's planes rebuilt, then the same decode
-                const MwqMat v = planes_of_code_row(*m, r, tmp.data());
-                row_coefficients(v, bits, 0, zc.data(), coef.data());
-                decode(v, 0, zc.data(), coef.data(), w + (r - r0) * m->in);
-                continue;
-            }
             row_coefficients(*m, bits, r, zc.data(), coef.data());
-            decode(*m, r, zc.data(), coef.data(), w + (r - r0) * m->in);
+            (m->codes ? decode_codes : decode)(*m, r, zc.data(), coef.data(), w + (r - r0) * m->in);
         }
     }
     return 0;

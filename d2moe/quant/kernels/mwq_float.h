@@ -54,11 +54,11 @@ void row_dot(const MwqMat& m, int64_t r, const float* zc, const float* coef, con
     }
 }
 
-template <int NP>
-void row_decode(const MwqMat& m, int64_t r, const float* zc, const float* coef, float* w_out) {
+// Row r's weights into w_out, 16 columns at a time: z + the coefficient of each plane whose bit is set, added
+// in plane order. mask(p, col) is plane p's 16-column mask at col.
+template <int NP, class Mask>
+inline void decode_row16(const MwqMat& m, const float* zc, const float* coef, float* w_out, Mask mask) {
     const int64_t G = m.in / m.group_size, cpg = m.group_size / 16;
-    const uint8_t* pl[8];
-    row_planes(m, NP, r, pl);
     int64_t chunk = 0;
     for (int64_t g = 0; g < G; ++g) {
         __m512 c[NP];
@@ -67,34 +67,29 @@ void row_decode(const MwqMat& m, int64_t r, const float* zc, const float* coef, 
         for (int64_t j = 0; j < cpg; ++j, ++chunk) {
             const int64_t col = chunk * 16;
             __m512 w = z;
-            for (int p = 0; p < NP; ++p) w = _mm512_mask_add_ps(w, load_mask(pl[p] + col / 8), w, c[p]);
+            for (int p = 0; p < NP; ++p) w = _mm512_mask_add_ps(w, mask(p, col), w, c[p]);
             _mm512_storeu_ps(w_out + col, w);
         }
     }
 }
 
+template <int NP>
+void row_decode(const MwqMat& m, int64_t r, const float* zc, const float* coef, float* w_out) {
+    const uint8_t* pl[8];
+    row_planes(m, NP, r, pl);
+    decode_row16<NP>(m, zc, coef, w_out, [&](int p, int64_t col) { return load_mask(pl[p] + col / 8); });
+}
+
 // row_decode on a matrix held as byte codes (mwq_common.h code_row): plane p's 16-column mask is one bit
-// test of 16 code bytes (base bit 0: code bit 6, bit 1: bit 7, plane i: bit 8 - i) instead of a load, the
-// additions are row_decode's in its order: the same floats.
+// test of 16 code bytes (base bit 0: code bit 6, bit 1: bit 7, plane i: bit 8 - i): the same floats.
 template <int NP>
 void row_decode_codes(const MwqMat& m, int64_t r, const float* zc, const float* coef, float* w_out) {
-    const int64_t G = m.in / m.group_size, cpg = m.group_size / 16;
     const uint8_t* codes = code_row(m, r);
     __m128i sel[NP];
     for (int p = 0; p < NP; ++p) sel[p] = _mm_set1_epi8((char)(1 << (p == 0 ? 6 : p == 1 ? 7 : 7 - p)));
-    int64_t chunk = 0;
-    for (int64_t g = 0; g < G; ++g) {
-        __m512 c[NP];
-        for (int p = 0; p < NP; ++p) c[p] = _mm512_set1_ps(coef[p * G + g]);
-        const __m512 z = _mm512_set1_ps(zc[g]);
-        for (int64_t j = 0; j < cpg; ++j, ++chunk) {
-            const int64_t col = chunk * 16;
-            const __m128i c16 = _mm_loadu_si128((const __m128i*)(codes + col));
-            __m512 w = z;
-            for (int p = 0; p < NP; ++p) w = _mm512_mask_add_ps(w, _mm_test_epi8_mask(c16, sel[p]), w, c[p]);
-            _mm512_storeu_ps(w_out + col, w);
-        }
-    }
+    decode_row16<NP>(m, zc, coef, w_out, [&](int p, int64_t col) {
+        return _mm_test_epi8_mask(_mm_loadu_si128((const __m128i*)(codes + col)), sel[p]);
+    });
 }
 
 #else
