@@ -242,9 +242,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from d2moe.engine.checkpoint_info import checkpoint_info, format_checkpoint_info, is_store_config, read_hf_config
     from d2moe.engine.store_info import format_info, store_info
 
-    info = store_info(_model_path(args), context=args.context)
+    path = _model_path(args)
+    if path.is_file() or not is_store_config(read_hf_config(path)):  # a Hugging Face checkpoint: what it would be
+        info = checkpoint_info(path, context=args.context, group_size=args.group_size)
+        print(json.dumps(info) if args.json else format_checkpoint_info(info))
+        return 0
+    info = store_info(path, context=args.context)
     print(json.dumps(info) if args.json else format_info(info))
     return 0
 
@@ -483,10 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.set_defaults(fn=cmd_calibrate)
 
     info = sub.add_parser("info", help="what a store holds: family, layers, experts, bytes per width, "
-                                       "calibration, the smallest memory budget that runs it")
+                                       "calibration, the smallest memory budget that runs it; given a Hugging "
+                                       "Face checkpoint directory or config.json, what `convert` would make of it")
     model_arg(info)
     info.add_argument("--context", type=_positive, default=2048,
                       help="tokens of KV cache the minimum budget reserves (default 2048, as run/serve)")
+    info.add_argument("--group-size", type=_positive, default=64,
+                      help="MWQ group size for a checkpoint not yet converted (default 64, as convert)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(fn=cmd_info)
 
