@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe",
-            "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4")
+            "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4",
+            "dots1")
 _COMMON = dict(
     vocab_size=256,
     hidden_size=128,
@@ -94,6 +95,11 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                   num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=8,
                   floor_scale=4, attn_scale=0.5)  # the query temperature grows within the prompt
         cfg_cls, model_cls = tf.Llama4TextConfig, tf.Llama4ForCausalLM
+    elif family == "dots1":  # V3 router in 2 groups, 1 dense layer, 2 shared experts; the last 2 layers slide
+        kw.update(num_hidden_layers=3, head_dim=32, intermediate_size=192, moe_intermediate_size=64,
+                  n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                  n_group=2, topk_group=1, routed_scaling_factor=1.5, sliding_window=8, max_window_layers=1)
+        cfg_cls, model_cls = tf.Dots1Config, tf.Dots1ForCausalLM
     else:
         raise ValueError(family)
     kw.update(overrides)

@@ -15,6 +15,7 @@ from typing import Any
 from d2moe.config import ModelConfig
 from d2moe.convert.family_configs import (
     deepseek_config,
+    dots1_config,
     ernie4_5_moe_config,
     ernie_fix,
     glm4_moe_config,
@@ -69,6 +70,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("granitemoeshared", ("GraniteMoeSharedForCausalLM",), "block_sparse_moe", {}, granite_config,
            special_names=granite_names),
     Family("phimoe", ("PhimoeForCausalLM", "PhiMoEForCausalLM"), "block_sparse_moe", _MIXTRAL_NAMES, phimoe_config),
+    Family("dots1", ("Dots1ForCausalLM",), "mlp", _SWIGLU_PROJ, dots1_config),
 )
 
 

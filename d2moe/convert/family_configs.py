@@ -202,20 +202,13 @@ def phimoe_config(hf: dict[str, Any], family: str) -> ModelConfig:
     )
 
 
-def glm4_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
-    """GLM-4.5 MoE: DeepSeek-V3's router, shared experts and leading dense layers on GQA attention with
-    q/k/v biases, optional per-head q/k norm and RoPE on the leading half of each head."""
-    base = base_fields(hf, family)
-    partial = rope_params(hf).get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 0.5
-    n, first = int(hf["num_hidden_layers"]), int(hf.get("first_k_dense_replace") or 0)
-    dense = tuple(range(min(first, n)))
+def v3_moe_fields(hf: dict[str, Any], dense: tuple[int, ...]) -> dict[str, Any]:
+    """The MoE fields of the families built on DeepSeek-V3's router (GLM-4.5, dots1, GLM-4.7-Flash, K-EXAONE):
+    sigmoid scores with a choice-only bias, groups ranked by their best two, routed scaling, shared experts of
+    the routed experts' width, `dense` layers with a plain FFN."""
     moe_i = int(hf["moe_intermediate_size"])
-    return ModelConfig(
-        **base,
-        attn_bias=bool(hf.get("attention_bias", False)),
-        qk_norm="head" if hf.get("use_qk_norm") else "none",
-        rotary_dim=int(base["head_dim"] * float(partial)),
-        num_experts=int(hf_get(hf, "n_routed_experts", "num_local_experts")),
+    return dict(
+        num_experts=int(hf_get(hf, "n_routed_experts", "num_experts", "num_local_experts")),
         top_k=int(hf["num_experts_per_tok"]),
         expert_intermediate=moe_i,
         norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
@@ -225,9 +218,54 @@ def glm4_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
         topk_groups=int(hf.get("topk_group") or 1),
         group_score="top2",
         routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
-        shared_expert_intermediate=moe_i * int(hf.get("n_shared_experts") or 0),
+        shared_expert_intermediate=moe_i * int(hf_get(hf, "n_shared_experts", "num_shared_experts", default=0)),
         dense_layers=dense,
         dense_intermediate=int(hf["intermediate_size"]) if dense else 0,
+    )
+
+
+def first_dense(hf: dict[str, Any]) -> tuple[int, ...]:
+    """Dense FFN layers: those `mlp_layer_types` calls dense, else the first `first_k_dense_replace`."""
+    n = int(hf["num_hidden_layers"])
+    if types := hf.get("mlp_layer_types"):
+        return tuple(L for L, t in enumerate(types[:n]) if t == "dense")
+    return tuple(range(min(int(hf.get("first_k_dense_replace") or 0), n)))
+
+
+def sliding_fields(hf: dict[str, Any], types: list[str] | None) -> dict[str, Any]:
+    """sliding_window / sliding_layers from per-layer `types` ("sliding_attention" slides; None: none do)."""
+    window = int(hf.get("sliding_window") or 0)
+    layers = tuple(L for L, t in enumerate((types or [])[: int(hf["num_hidden_layers"])]) if t == "sliding_attention")
+    return dict(sliding_window=window, sliding_layers=layers) if window and layers else {}
+
+
+def glm4_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """GLM-4.5 MoE: DeepSeek-V3's router, shared experts and leading dense layers on GQA attention with
+    q/k/v biases, optional per-head q/k norm and RoPE on the leading half of each head."""
+    base = base_fields(hf, family)
+    partial = rope_params(hf).get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 0.5
+    return ModelConfig(
+        **base,
+        attn_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="head" if hf.get("use_qk_norm") else "none",
+        rotary_dim=int(base["head_dim"] * float(partial)),
+        **v3_moe_fields(hf, first_dense(hf)),
+    )
+
+
+def dots1_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """dots.llm1: Qwen3's attention (per-head q/k norm; layers from max_window_layers on slide when a window is
+    set) on DeepSeek-V3's MoE (sigmoid router with choice bias, shared experts, leading dense layers)."""
+    n = int(hf["num_hidden_layers"])
+    window_from = int(hf.get("max_window_layers") if hf.get("max_window_layers") is not None else n)
+    types = hf.get("layer_types") or ["sliding_attention" if hf.get("sliding_window") and L >= window_from
+                                      else "full_attention" for L in range(n)]
+    return ModelConfig(
+        **base_fields(hf, family),
+        attn_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="head",
+        **sliding_fields(hf, types),
+        **{**v3_moe_fields(hf, first_dense(hf)), "norm_topk_prob": bool(hf.get("norm_topk_prob", False))},
     )
 
 

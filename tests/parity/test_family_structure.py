@@ -207,6 +207,30 @@ def test_ernie4_5_moe_structure(tmp_path):
     _compare(tmp_path)
 
 
+
+def test_dots1_structure(tmp_path):
+    """dots.llm1 scaled from hidden 4096: 128 routed -> 64 experts, top-6, 2 shared, first layer dense,
+    multi-head attention with per-head q/k norm, sigmoid router with choice bias and routed scaling 2.5,
+    max_window_layers = all layers (no layer slides), hub config keys (rope_theta)."""
+    import transformers as tf
+
+    torch.manual_seed(8)
+    cfg = tf.Dots1Config(
+        vocab_size=256, hidden_size=128, num_attention_heads=8, num_key_value_heads=8, head_dim=16,
+        intermediate_size=352, moe_intermediate_size=48, num_hidden_layers=3, n_routed_experts=64,
+        num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=True,
+        routed_scaling_factor=2.5, max_window_layers=62, max_position_embeddings=256,
+        rope_parameters=dict(rope_type="default", rope_theta=10000000.0),
+    )
+    model = tf.Dots1ForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.dense_layers, m.shared_expert_intermediate, m.qk_norm, m.sliding_layers) == (
+        64, 6, (0,), 96, "head", ())
+    _compare(tmp_path)
+
 def _to_mxfp4_checkpoint(path) -> None:
     """Rewrite a transformers-saved GPT-OSS as the released checkpoints are: experts as MXFP4 blocks of W
     ([E, out, in/32, 16] + E8M0 scales), a quantization_config transformers reads them with."""
