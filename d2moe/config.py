@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from d2moe.engine.policies import policy_spec
 
-QkNorm = Literal["none", "head", "full", "l2"]
+QkNorm = Literal["none", "head", "full", "l2", "head_rope"]
 RouterScoring = Literal["softmax", "linear", "sigmoid", "sparsemixer"]
 AttentionKind = Literal["gqa", "mla"]
 GroupScore = Literal["max", "top2"]
@@ -63,8 +63,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attn_bias: bool = field(default=False, metadata={"help": "q/k/v projections carry biases (Qwen2-MoE)"})
     qk_norm: QkNorm = field(
-        default="none", metadata={"help": "RMSNorm on q/k: per head (Qwen3-MoE), over all heads (OLMoE), or l2: "
-                                          "weightless per head after RoPE, RoPE layers only (Llama 4)"}
+        default="none", metadata={"help": "RMSNorm on q/k: per head (Qwen3-MoE), over all heads (OLMoE), l2: "
+                                          "weightless per head after RoPE, RoPE layers only (Llama 4), or "
+                                          "head_rope: per head with weights, after RoPE (HunYuan)"}
     )
     attention: AttentionKind = field(
         default="gqa",

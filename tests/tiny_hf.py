@@ -8,7 +8,7 @@ import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe",
             "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4",
-            "dots1")
+            "dots1", "hunyuan_v1_moe")
 _COMMON = dict(
     vocab_size=256,
     hidden_size=128,
@@ -100,6 +100,10 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                   n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
                   n_group=2, topk_group=1, routed_scaling_factor=1.5, sliding_window=8, max_window_layers=1)
         cfg_cls, model_cls = tf.Dots1Config, tf.Dots1ForCausalLM
+    elif family == "hunyuan_v1_moe":  # q/k norms after RoPE, NTK-alpha RoPE, a shared MLP in every layer
+        kw.update(head_dim=32, intermediate_size=64, num_experts=8, moe_topk=2,
+                  rope_parameters=dict(rope_type="dynamic", alpha=1000.0, factor=1.0, rope_theta=10000.0))
+        cfg_cls, model_cls = tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM
     else:
         raise ValueError(family)
     kw.update(overrides)

@@ -23,6 +23,7 @@ from d2moe.convert.family_configs import (
     gpt_oss_names,
     granite_config,
     granite_names,
+    hunyuan_moe_config,
     llama4_config,
     llama4_names,
     mixtral_config,
@@ -71,6 +72,7 @@ FAMILIES: tuple[Family, ...] = (
            special_names=granite_names),
     Family("phimoe", ("PhimoeForCausalLM", "PhiMoEForCausalLM"), "block_sparse_moe", _MIXTRAL_NAMES, phimoe_config),
     Family("dots1", ("Dots1ForCausalLM",), "mlp", _SWIGLU_PROJ, dots1_config),
+    Family("hunyuan_v1_moe", ("HunYuanMoEV1ForCausalLM",), "mlp", _SWIGLU_PROJ, hunyuan_moe_config),
 )
 
 
@@ -94,6 +96,7 @@ _ATTN = {
     # multi-head latent attention (DeepSeek)
     "q_a_proj": "wq_a", "q_b_proj": "wq_b", "kv_a_proj_with_mqa": "wkv_a", "kv_b_proj": "wkv_b",
     "q_a_layernorm": "q_a_norm", "kv_a_layernorm": "kv_a_norm",
+    "query_layernorm": "q_norm", "key_layernorm": "k_norm",  # HunYuan
 }
 _FFN = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
@@ -120,7 +123,8 @@ def canonical_name(fam: Family, name: str) -> str | None:
             return p + (canon if kind == "weight" else "b" + canon[1:])
         return None
     mod = re.escape(fam.moe_module)
-    if rest in (f"{fam.moe_module}.gate.weight", f"{fam.moe_module}.router.weight"):
+    if rest in (f"{fam.moe_module}.gate.weight", f"{fam.moe_module}.router.weight",
+                f"{fam.moe_module}.gate.wg.weight"):  # HunYuan
         return p + "router"
     if rest in (f"{fam.moe_module}.gate.e_score_correction_bias",  # DeepSeek-V3, GLM
                 f"{fam.moe_module}.moe_statics.e_score_correction_bias"):  # ERNIE
@@ -128,7 +132,7 @@ def canonical_name(fam: Family, name: str) -> str | None:
     if e := re.fullmatch(mod + r"\.experts\.(\d+)\.(\w+)\.weight", rest):
         proj = {v: k for k, v in fam.expert_matrices.items()}.get(e.group(2))
         return f"{p}experts.{e.group(1)}.{proj}" if proj else None
-    if s := re.fullmatch(rf"(?:mlp|{mod})\.shared_experts?\.(\w+)\.weight", rest):
+    if s := re.fullmatch(rf"(?:mlp|{mod})\.shared_(?:experts?|mlp)\.(\w+)\.weight", rest):  # shared_mlp: HunYuan
         return p + "shared." + _FFN[s.group(1)] if s.group(1) in _FFN else None
     if rest == "mlp.shared_expert_gate.weight":
         return p + "shared_gate"

@@ -16,6 +16,7 @@ from d2moe.convert.hf_config import (
     base_fields,
     hf_get,
     rope_params,
+    rope_theta,
     yarn_mscale,
 )
 
@@ -268,6 +269,40 @@ def dots1_config(hf: dict[str, Any], family: str) -> ModelConfig:
         **{**v3_moe_fields(hf, first_dense(hf)), "norm_topk_prob": bool(hf.get("norm_topk_prob", False))},
     )
 
+
+
+def _per_layer(hf: dict[str, Any], key: str) -> int:
+    """A HunYuan config value given once or once per layer (then all alike: d2moe's layers share one layout)."""
+    v = hf[key]
+    if isinstance(v, list):
+        if len(set(v)) != 1:
+            raise ConversionError(f"{key} differs between layers ({sorted(set(v))}); d2moe needs one value")
+        v = v[0]
+    return int(v)
+
+
+def hunyuan_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """Hunyuan-A13B (HunYuanMoEV1): softmax top-k renormalised, a shared MLP as wide as the experts in every
+    layer (both `intermediate_size`), per-head q/k norms with weights applied after RoPE, and NTK-alpha RoPE
+    (rope type "dynamic" with a fixed alpha: the base becomes theta * alpha^(D / (D - 2)), length independent)."""
+    if hf.get("use_cla"):
+        raise ConversionError("HunYuan with use_cla=true (cross-layer KV sharing) is not supported")
+    params = rope_params(hf)
+    if params.get("rope_type", params.get("type")) == "dynamic" and params.get("alpha"):
+        D = int(hf_get(hf, "head_dim", default=int(hf["hidden_size"]) // int(hf["num_attention_heads"])))
+        theta = rope_theta(hf) * float(params["alpha"]) ** (D / (D - 2))
+        hf = {**hf, "rope_theta": theta, "rope_parameters": None, "rope_scaling": None}
+    inter = int(hf["intermediate_size"])
+    return ModelConfig(
+        **base_fields(hf, family),
+        attn_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="head_rope",  # transformers norms q and k whatever use_qk_norm says
+        num_experts=_per_layer(hf, "num_experts"),
+        top_k=_per_layer(hf, "moe_topk"),
+        expert_intermediate=inter,
+        norm_topk_prob=True,
+        shared_expert_intermediate=inter,
+    )
 
 def ernie4_5_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
     """ERNIE-4.5 MoE: softmax routing with a choice-only per-expert bias (moe_statics), shared experts,

@@ -21,8 +21,10 @@ from d2moe.convert.families import FAMILIES, ConversionError, Family, Part, tens
 
 # HF module names that differ between families (the converter accepts several; export writes the one
 # the family's own checkpoints use)
-_ROUTER = {"llama4": "router", "gpt_oss": "router", "granitemoe": "router.layer", "granitemoeshared": "router.layer"}
-_SHARED = {"qwen2_moe": "shared_expert", "llama4": "shared_expert"}
+_ROUTER = {"llama4": "router", "gpt_oss": "router", "granitemoe": "router.layer", "granitemoeshared": "router.layer",
+           "hunyuan_v1_moe": "gate.wg"}
+_SHARED = {"qwen2_moe": "shared_expert", "llama4": "shared_expert", "hunyuan_v1_moe": "shared_mlp"}
+_QK_NORMS = {"hunyuan_v1_moe": ("query_layernorm", "key_layernorm")}
 _CHOICE_BIAS = {"ernie4_5_moe": "mlp.moe_statics.e_score_correction_bias"}
 _HF_SHAPE = {("ernie4_5_moe", "mlp.moe_statics.e_score_correction_bias"): (1, -1)}  # stored [1, E]
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
@@ -63,7 +65,7 @@ def _candidates(fam: Family, model: ModelConfig) -> Iterator[str]:
         p = f"model.layers.{L}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
             yield from (f"{p}{norm}.weight", f"{p}{norm}.bias")
-        for proj in _ATTN:
+        for proj in _QK_NORMS.get(fam.name, ()) + _ATTN:
             yield from (f"{p}self_attn.{proj}.weight", f"{p}self_attn.{proj}.bias")
         yield f"{p}self_attn.sinks"
         if L in model.dense_layers:

@@ -270,7 +270,7 @@ def ragged_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, ro
         if out is not None:
             return plan.linear(out[None], w[prefix + "wo"], w.get(prefix + "bo"))
     q, k, v = qkv_heads(x, w, prefix, cfg, plan.linear)  # [1, N, h, D]
-    q, k = positioned(q, k, cfg, rope, positions, layer)
+    q, k = positioned(q, k, cfg, rope, positions, layer, w, prefix)
     pool.k[layer][slots, :, positions] = k[0]  # [N, nKV, D] into (slot, :, position)
     pool.v[layer][slots, :, positions] = v[0]
 

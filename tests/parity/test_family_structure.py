@@ -231,6 +231,29 @@ def test_dots1_structure(tmp_path):
         64, 6, (0,), 96, "head", ())
     _compare(tmp_path)
 
+
+def test_hunyuan_moe_structure(tmp_path):
+    """Hunyuan-A13B scaled from hidden 4096: 64 experts, top-8 (given per layer, as the hub config does), a
+    shared MLP as wide as each expert, GQA 4:1, q/k norms after RoPE, NTK-alpha RoPE (alpha 1000) written as
+    the hub's rope_scaling type "dynamic"."""
+    import transformers as tf
+
+    torch.manual_seed(9)
+    cfg = tf.HunYuanMoEV1Config(
+        vocab_size=256, hidden_size=128, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+        intermediate_size=96, num_hidden_layers=3, num_experts=64, moe_topk=[8, 8, 8], max_position_embeddings=256,
+        rope_parameters=dict(rope_type="dynamic", alpha=1000.0, factor=1.0, rope_theta=10000.0),
+    )
+    model = tf.HunYuanMoEV1ForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path, use_cla=False, use_qk_norm=True, num_shared_expert=[1, 1, 1])
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.shared_expert_intermediate, m.qk_norm, m.rope_scaling) == (
+        64, 8, 96, "head_rope", None)
+    assert m.rope_theta == pytest.approx(10000.0 * 1000.0 ** (16 / 14))
+    _compare(tmp_path)
+
 def _to_mxfp4_checkpoint(path) -> None:
     """Rewrite a transformers-saved GPT-OSS as the released checkpoints are: experts as MXFP4 blocks of W
     ([E, out, in/32, 16] + E8M0 scales), a quantization_config transformers reads them with."""
