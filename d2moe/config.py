@@ -2,9 +2,9 @@
 
 `ModelConfig` is d2moe's canonical description of an MoE decoder: every family (the rows of
 convert/families.py: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4.5, ERNIE-4.5, GPT-OSS, Llama 4, ...;
-and the built-in MoEfied SmolLM2) maps its own config onto it, so the runtime has one code path. It is stored verbatim in a
-store's `config.json` under "model"; fields added later have defaults that mean "as before", so older
-stores keep loading.
+and the built-in MoEfied SmolLM2) maps its own config onto it, so the runtime has one code path. It is
+stored verbatim in a store's `config.json` under "model"; fields added later have defaults that mean "as
+before", so older stores keep loading.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe",
             "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4",
-            "dots1", "hunyuan_v1_moe")
+            "dots1", "hunyuan_v1_moe", "minimax_m2")
 _COMMON = dict(
     vocab_size=256,
     hidden_size=128,
@@ -104,6 +104,9 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         kw.update(head_dim=32, intermediate_size=64, num_experts=8, moe_topk=2,
                   rope_parameters=dict(rope_type="dynamic", alpha=1000.0, factor=1.0, rope_theta=10000.0))
         cfg_cls, model_cls = tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM
+    elif family == "minimax_m2":  # sigmoid router + choice bias, q/k norm over all heads, RoPE on half of each head
+        kw.update(head_dim=32, rotary_dim=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2)
+        cfg_cls, model_cls = tf.MiniMaxM2Config, tf.MiniMaxM2ForCausalLM
     else:
         raise ValueError(family)
     kw.update(overrides)

@@ -26,6 +26,7 @@ from d2moe.convert.family_configs import (
     hunyuan_moe_config,
     llama4_config,
     llama4_names,
+    minimax_m2_config,
     mixtral_config,
     mla_rope_rows_halved,
     olmoe_config,
@@ -73,6 +74,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("phimoe", ("PhimoeForCausalLM", "PhiMoEForCausalLM"), "block_sparse_moe", _MIXTRAL_NAMES, phimoe_config),
     Family("dots1", ("Dots1ForCausalLM",), "mlp", _SWIGLU_PROJ, dots1_config),
     Family("hunyuan_v1_moe", ("HunYuanMoEV1ForCausalLM",), "mlp", _SWIGLU_PROJ, hunyuan_moe_config),
+    Family("minimax_m2", ("MiniMaxM2ForCausalLM",), "block_sparse_moe", _MIXTRAL_NAMES, minimax_m2_config),
 )
 
 
@@ -127,7 +129,8 @@ def canonical_name(fam: Family, name: str) -> str | None:
                 f"{fam.moe_module}.gate.wg.weight"):  # HunYuan
         return p + "router"
     if rest in (f"{fam.moe_module}.gate.e_score_correction_bias",  # DeepSeek-V3, GLM
-                f"{fam.moe_module}.moe_statics.e_score_correction_bias"):  # ERNIE
+                f"{fam.moe_module}.moe_statics.e_score_correction_bias",  # ERNIE
+                f"{fam.moe_module}.e_score_correction_bias"):  # MiniMax-M2
         return p + "router_bias"
     if e := re.fullmatch(mod + r"\.experts\.(\d+)\.(\w+)\.weight", rest):
         proj = {v: k for k, v in fam.expert_matrices.items()}.get(e.group(2))

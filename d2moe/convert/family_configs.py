@@ -304,6 +304,28 @@ def hunyuan_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
         shared_expert_intermediate=inter,
     )
 
+
+def minimax_m2_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """MiniMax-M2: Mixtral's layout with a sigmoid router and a choice-only bias (no groups, no shared expert),
+    q/k RMSNorm over all heads (OLMoE's), RoPE on the leading `rotary_dim` dims of each head."""
+    base = base_fields(hf, family)
+    if 0 in (hf.get("attn_type_list") or []):
+        raise ConversionError("MiniMax with linear-attention layers (attn_type_list 0) is not supported")
+    D = base["head_dim"]
+    partial = rope_params(hf).get("partial_rotary_factor") or hf.get("partial_rotary_factor")
+    rotary = int(D * float(partial)) if partial else int(hf.get("rotary_dim") or D)
+    return ModelConfig(
+        **base,
+        qk_norm="full",
+        rotary_dim=rotary if rotary < D else 0,
+        num_experts=int(hf_get(hf, "num_local_experts", "num_experts")),
+        top_k=int(hf["num_experts_per_tok"]),
+        expert_intermediate=int(hf["intermediate_size"]),
+        norm_topk_prob=True,
+        router_scoring="sigmoid",
+        router_bias=True,
+    )
+
 def ernie4_5_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
     """ERNIE-4.5 MoE: softmax routing with a choice-only per-expert bias (moe_statics), shared experts,
     MoE layers on a grid between start and end index, interleaved-pair RoPE (rows halved at conversion)."""

@@ -254,6 +254,30 @@ def test_hunyuan_moe_structure(tmp_path):
     assert m.rope_theta == pytest.approx(10000.0 * 1000.0 ** (16 / 14))
     _compare(tmp_path)
 
+
+def test_minimax_m2_structure(tmp_path):
+    """MiniMax-M2 scaled from hidden 3072: 256 -> 64 experts, top-8, GQA 6:1 with heads x head_dim > hidden,
+    q/k norms over all heads, RoPE on 64 of 128 dims (the hub config's rotary_dim, no partial_rotary_factor),
+    sigmoid router with choice bias, its hub keys (attn_type_list, scoring_func, use_routing_bias)."""
+    import transformers as tf
+
+    torch.manual_seed(10)
+    cfg = tf.MiniMaxM2Config(
+        vocab_size=256, hidden_size=128, num_attention_heads=12, num_key_value_heads=2, head_dim=16, rotary_dim=8,
+        intermediate_size=64, num_hidden_layers=3, num_local_experts=64, num_experts_per_tok=8,
+        max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+    )
+    model = tf.MiniMaxM2ForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path, attn_type_list=[1, 1, 1], use_qk_norm=True, qk_norm_type="per_layer",
+               scoring_func="sigmoid", use_routing_bias=True)
+    assert "partial_rotary_factor" not in json.loads((tmp_path / "config.json").read_text())
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.rope_dim, m.qk_norm, m.router_scoring, m.router_bias) == (
+        64, 8, 8, "full", "sigmoid", True)
+    _compare(tmp_path)
+
 def _to_mxfp4_checkpoint(path) -> None:
     """Rewrite a transformers-saved GPT-OSS as the released checkpoints are: experts as MXFP4 blocks of W
     ([E, out, in/32, 16] + E8M0 scales), a quantization_config transformers reads them with."""
