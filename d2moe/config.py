@@ -76,6 +76,10 @@ class ModelConfig:
     kv_lora_rank: int = field(default=0, metadata={"help": "MLA: width of the cached key/value latent"})
     qk_rope_head_dim: int = field(default=0, metadata={"help": "MLA: rotary dims per q/k head (shared by heads)"})
     v_head_dim: int = field(default=0, metadata={"help": "MLA: value dims per head (0: head_dim)"})
+    latent_norm_eps: float = field(
+        default=0.0, metadata={"help": "MLA: eps of the q/kv latent RMSNorms (0: rms_norm_eps). GLM-4.7-Flash's "
+                                       "are 1e-6 while its other norms use rms_norm_eps 1e-5"}
+    )
     rotary_dim: int = field(default=0, metadata={"help": "leading dims of each head RoPE rotates (0: all; GLM: half)"})
     softmax_scale: float = field(default=0.0, metadata={"help": "attention scale (0: 1/sqrt(q/k head dim))"})
     attention_sinks: bool = field(
@@ -159,6 +163,10 @@ class ModelConfig:
     def rope_dim(self) -> int:
         """Dims each q/k head rotates: all of them, the leading `rotary_dim`, or MLA's decoupled rotary part."""
         return self.qk_rope_head_dim if self.attention == "mla" else (self.rotary_dim or self.head_dim)
+
+    @property
+    def latent_eps(self) -> float:
+        return self.latent_norm_eps or self.rms_norm_eps
 
     @property
     def value_dim(self) -> int:

@@ -8,7 +8,7 @@ import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe",
             "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4",
-            "dots1", "hunyuan_v1_moe", "minimax_m2")
+            "dots1", "hunyuan_v1_moe", "minimax_m2", "glm4_moe_lite")
 _COMMON = dict(
     vocab_size=256,
     hidden_size=128,
@@ -107,6 +107,12 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     elif family == "minimax_m2":  # sigmoid router + choice bias, q/k norm over all heads, RoPE on half of each head
         kw.update(head_dim=32, rotary_dim=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2)
         cfg_cls, model_cls = tf.MiniMaxM2Config, tf.MiniMaxM2ForCausalLM
+    elif family == "glm4_moe_lite":  # MLA with q LoRA under the V3 router; layers dense, MoE, dense (mlp_layer_types)
+        kw.update(num_hidden_layers=3, num_key_value_heads=4, intermediate_size=192, moe_intermediate_size=64,
+                  n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                  mlp_layer_types=["dense", "sparse", "dense"], kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16,
+                  qk_rope_head_dim=8, v_head_dim=24, rms_norm_eps=1e-5)
+        cfg_cls, model_cls = tf.Glm4MoeLiteConfig, tf.Glm4MoeLiteForCausalLM
     else:
         raise ValueError(family)
     kw.update(overrides)

@@ -19,6 +19,7 @@ from d2moe.convert.family_configs import (
     ernie4_5_moe_config,
     ernie_fix,
     glm4_moe_config,
+    glm4_moe_lite_config,
     gpt_oss_config,
     gpt_oss_names,
     granite_config,
@@ -74,6 +75,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("phimoe", ("PhimoeForCausalLM", "PhiMoEForCausalLM"), "block_sparse_moe", _MIXTRAL_NAMES, phimoe_config),
     Family("dots1", ("Dots1ForCausalLM",), "mlp", _SWIGLU_PROJ, dots1_config),
     Family("hunyuan_v1_moe", ("HunYuanMoEV1ForCausalLM",), "mlp", _SWIGLU_PROJ, hunyuan_moe_config),
+    Family("glm4_moe_lite", ("Glm4MoeLiteForCausalLM",), "mlp", _SWIGLU_PROJ, glm4_moe_lite_config, fix=_MLA_FIX),
     Family("minimax_m2", ("MiniMaxM2ForCausalLM",), "block_sparse_moe", _MIXTRAL_NAMES, minimax_m2_config),
 )
 

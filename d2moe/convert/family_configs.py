@@ -77,12 +77,7 @@ def deepseek_config(hf: dict[str, Any], family: str) -> ModelConfig:
     softmax (greedy or group-limited by each group's best expert); V3 by sigmoid plus a choice-only bias,
     groups ranked by their best two experts."""
     base = base_fields(hf, family)
-    dn, dr = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
-    base.update(head_dim=dn + dr, num_kv_heads=base["num_heads"])  # MLA: every head has its own k and v
-    scale = (dn + dr) ** -0.5
-    params = rope_params(hf)
-    if base["rope_scaling"] is not None and params.get("mscale_all_dim"):
-        scale *= yarn_mscale(base["rope_scaling"].factor, float(params["mscale_all_dim"])) ** 2
+    mla = mla_fields(hf, base)
     v3 = family == "deepseek_v3"
     method = hf.get("topk_method") or ("noaux_tc" if v3 else "greedy")
     scoring = hf.get("scoring_func") or ("sigmoid" if v3 else "softmax")
@@ -96,12 +91,7 @@ def deepseek_config(hf: dict[str, Any], family: str) -> ModelConfig:
     moe_i = int(hf["moe_intermediate_size"])
     return ModelConfig(
         **base,
-        attention="mla",
-        q_lora_rank=int(hf.get("q_lora_rank") or 0),
-        kv_lora_rank=int(hf["kv_lora_rank"]),
-        qk_rope_head_dim=dr,
-        v_head_dim=int(hf["v_head_dim"]),
-        softmax_scale=scale,
+        **mla,
         num_experts=int(hf_get(hf, "n_routed_experts", "num_local_experts")),
         top_k=int(hf["num_experts_per_tok"]),
         expert_intermediate=moe_i,
@@ -115,6 +105,37 @@ def deepseek_config(hf: dict[str, Any], family: str) -> ModelConfig:
         shared_expert_intermediate=moe_i * int(hf.get("n_shared_experts") or 0),
         dense_layers=dense,
         dense_intermediate=int(hf["intermediate_size"]) if dense else 0,
+    )
+
+
+def mla_fields(hf: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Multi-head latent attention's fields (DeepSeek-V2/V3, GLM-4.7-Flash); sets `base`'s head_dim to the q/k
+    head dim and its KV heads to its heads. The scale is 1/sqrt(q/k head dim), times YaRN's mscale squared."""
+    dn, dr = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
+    base.update(head_dim=dn + dr, num_kv_heads=base["num_heads"])  # MLA: every head has its own k and v
+    scale = (dn + dr) ** -0.5
+    params = rope_params(hf)
+    if base["rope_scaling"] is not None and params.get("mscale_all_dim"):
+        scale *= yarn_mscale(base["rope_scaling"].factor, float(params["mscale_all_dim"])) ** 2
+    return dict(attention="mla", q_lora_rank=int(hf.get("q_lora_rank") or 0), kv_lora_rank=int(hf["kv_lora_rank"]),
+                qk_rope_head_dim=dr, v_head_dim=int(hf["v_head_dim"]), softmax_scale=scale)
+
+
+def glm4_moe_lite_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """GLM-4.7-Flash (Glm4MoeLite): DeepSeek-V3's MLA (interleaved RoPE pairs, reordered at conversion; latent
+    norms at transformers' default eps 1e-6) under GLM-4.5's MoE: V3 router, shared experts, dense layers per
+    mlp_layer_types (default: the first)."""
+    if float(rope_params(hf).get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ConversionError("GLM-4.7-Flash with partial_rotary_factor < 1 is not supported")
+    base = base_fields(hf, family)
+    mla = mla_fields(hf, base)
+    n = int(hf["num_hidden_layers"])
+    types = hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
+    return ModelConfig(
+        **base,
+        **mla,
+        latent_norm_eps=1e-6,
+        **v3_moe_fields(hf, tuple(L for L, t in enumerate(types[:n]) if t == "dense")),
     )
 
 

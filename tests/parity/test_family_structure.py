@@ -278,6 +278,33 @@ def test_minimax_m2_structure(tmp_path):
         64, 8, 8, "full", "sigmoid", True)
     _compare(tmp_path)
 
+
+def test_glm4_moe_lite_structure(tmp_path):
+    """GLM-4.7-Flash scaled from hidden 2048: MLA with q LoRA (its rank ratios: q 12x, kv latent 8x the rotary
+    dims; nope 3x, value 4x), 64 experts, top-4, 1 shared, first layer dense by default (the hub config has no
+    mlp_layer_types), routed scaling 1.8, rms_norm_eps 1e-5 beside the latent norms' 1e-6."""
+    import transformers as tf
+
+    torch.manual_seed(11)
+    cfg = tf.Glm4MoeLiteConfig(
+        vocab_size=256, hidden_size=128, num_attention_heads=4, num_key_value_heads=4, intermediate_size=640,
+        moe_intermediate_size=96, num_hidden_layers=3, n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=4,
+        routed_scaling_factor=1.8, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=24, qk_rope_head_dim=8,
+        v_head_dim=32, max_position_embeddings=256, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    )
+    model = tf.Glm4MoeLiteForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    hub = json.loads((tmp_path / "config.json").read_text())
+    del hub["mlp_layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    m = open_source(tmp_path).model
+    assert (m.attention, m.q_lora_rank, m.head_dim, m.value_dim, m.dense_layers, m.latent_eps) == (
+        "mla", 96, 32, 32, (0,), 1e-6)
+    assert (m.num_experts, m.top_k, m.shared_expert_intermediate, m.rms_norm_eps) == (64, 4, 96, 1e-5)
+    _compare(tmp_path)
+
 def _to_mxfp4_checkpoint(path) -> None:
     """Rewrite a transformers-saved GPT-OSS as the released checkpoints are: experts as MXFP4 blocks of W
     ([E, out, in/32, 16] + E8M0 scales), a quantization_config transformers reads them with."""
