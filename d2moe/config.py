@@ -95,6 +95,10 @@ class ModelConfig:
                                      "temperature_floor)) (Llama 4; 0: off)"}
     )
     temperature_scale: float = 0.1
+    post_norm: bool = field(
+        default=False, metadata={"help": "each block's norm sits on its output before the residual add, not on "
+                                         "its input (OLMo 2 / FlexOlmo): attn_norm / ffn_norm norm the outputs"}
+    )
     norm: NormKind = field(default="rms", metadata={"help": "rms: RMSNorm; layer: LayerNorm with bias (PhiMoE)"})
     embedding_multiplier: float = field(default=1.0, metadata={"help": "scales the embeddings (Granite)"})
     residual_multiplier: float = field(default=1.0, metadata={"help": "scales each block's output (Granite)"})

@@ -8,7 +8,7 @@ import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe",
             "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4",
-            "dots1", "hunyuan_v1_moe", "minimax_m2", "glm4_moe_lite")
+            "dots1", "hunyuan_v1_moe", "minimax_m2", "glm4_moe_lite", "flex_olmo")
 _COMMON = dict(
     vocab_size=256,
     hidden_size=128,
@@ -113,6 +113,9 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                   mlp_layer_types=["dense", "sparse", "dense"], kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16,
                   qk_rope_head_dim=8, v_head_dim=24, rms_norm_eps=1e-5)
         cfg_cls, model_cls = tf.Glm4MoeLiteConfig, tf.Glm4MoeLiteForCausalLM
+    elif family == "flex_olmo":  # post-norm blocks, q/k norm over all heads
+        kw.update(intermediate_size=64, num_experts=4, num_experts_per_tok=2)
+        cfg_cls, model_cls = tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM
     else:
         raise ValueError(family)
     kw.update(overrides)

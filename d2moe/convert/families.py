@@ -18,6 +18,7 @@ from d2moe.convert.family_configs import (
     dots1_config,
     ernie4_5_moe_config,
     ernie_fix,
+    flex_olmo_config,
     glm4_moe_config,
     glm4_moe_lite_config,
     gpt_oss_config,
@@ -32,6 +33,7 @@ from d2moe.convert.family_configs import (
     mla_rope_rows_halved,
     olmoe_config,
     phimoe_config,
+    post_norm_names,
     qwen_moe_config,
     rope_rows_halved,
 )
@@ -76,6 +78,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("dots1", ("Dots1ForCausalLM",), "mlp", _SWIGLU_PROJ, dots1_config),
     Family("hunyuan_v1_moe", ("HunYuanMoEV1ForCausalLM",), "mlp", _SWIGLU_PROJ, hunyuan_moe_config),
     Family("glm4_moe_lite", ("Glm4MoeLiteForCausalLM",), "mlp", _SWIGLU_PROJ, glm4_moe_lite_config, fix=_MLA_FIX),
+    Family("flex_olmo", ("FlexOlmoForCausalLM",), "mlp", _SWIGLU_PROJ, flex_olmo_config, special_names=post_norm_names),
     Family("minimax_m2", ("MiniMaxM2ForCausalLM",), "block_sparse_moe", _MIXTRAL_NAMES, minimax_m2_config),
 )
 

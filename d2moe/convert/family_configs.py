@@ -72,6 +72,33 @@ def olmoe_config(hf: dict[str, Any], family: str) -> ModelConfig:
     )
 
 
+
+def flex_olmo_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """FlexOlmo: OLMoE's router and q/k norms over all heads, with OLMo 2's post-norm blocks (each block's
+    output is normed before the residual add; no input norms)."""
+    return ModelConfig(
+        **base_fields(hf, family),
+        attn_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="full",
+        post_norm=True,
+        num_experts=int(hf_get(hf, "num_experts", "num_local_experts")),
+        top_k=int(hf["num_experts_per_tok"]),
+        expert_intermediate=int(hf["intermediate_size"]),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+    )
+
+
+def post_norm_names(model: ModelConfig, name: str) -> list[tuple[str, Part | None]] | None:
+    """Post-norm layers (FlexOlmo): post_attention_layernorm norms the attention's output (canonical attn_norm),
+    post_feedforward_layernorm the FFN's (ffn_norm); there is no input_layernorm."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(input|post_attention|post_feedforward)_layernorm\.weight", name)
+    if not m:
+        return None
+    L = int(m.group(1))
+    if L >= model.num_layers or m.group(2) == "input":
+        return []
+    return [(f"layers.{L}." + ("attn_norm" if m.group(2) == "post_attention" else "ffn_norm"), None)]
+
 def deepseek_config(hf: dict[str, Any], family: str) -> ModelConfig:
     """DeepSeek-V2/V3: MLA, shared experts, leading dense layers, group-limited routing. V2 scores by
     softmax (greedy or group-limited by each group's best expert); V3 by sigmoid plus a choice-only bias,

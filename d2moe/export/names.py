@@ -64,7 +64,7 @@ def _candidates(fam: Family, model: ModelConfig) -> Iterator[str]:
     shared = _SHARED.get(fam.name, "shared_experts")
     for L in range(model.num_layers):
         p = f"model.layers.{L}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in ("input_layernorm", "post_attention_layernorm", "post_feedforward_layernorm"):
             yield from (f"{p}{norm}.weight", f"{p}{norm}.bias")
         for proj in _QK_NORMS.get(fam.name, ()) + _ATTN:
             yield from (f"{p}self_attn.{proj}.weight", f"{p}self_attn.{proj}.bias")

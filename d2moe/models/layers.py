@@ -48,6 +48,20 @@ def norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, cfg: ModelConfi
     return rms_norm(x, w[name], cfg.rms_norm_eps)
 
 
+def block_input(h: torch.Tensor, w: dict[str, torch.Tensor], name: str, cfg: ModelConfig) -> torch.Tensor:
+    """What a block (attention or FFN) reads from the residual stream h: h normed by `name` (pre-norm), or h
+    itself when the norm sits on the block's output (post_norm: FlexOlmo)."""
+    return h if cfg.post_norm else norm(h, w, name, cfg)
+
+
+def block_output(y: torch.Tensor, w: dict[str, torch.Tensor], name: str, cfg: ModelConfig) -> torch.Tensor:
+    """What a block's output y adds to the residual stream: y normed by `name` (post_norm), or y scaled by
+    the residual multiplier (Granite; 1 elsewhere)."""
+    if cfg.post_norm:
+        y = norm(y, w, name, cfg)
+    return y if cfg.residual_multiplier == 1.0 else y * cfg.residual_multiplier
+
+
 def linear(x: torch.Tensor, w: DenseWeight, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b) in fp32 out, for a float matrix (computed in its dtype) or an `Int8Matrix`.
 

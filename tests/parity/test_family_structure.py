@@ -305,6 +305,26 @@ def test_glm4_moe_lite_structure(tmp_path):
     assert (m.num_experts, m.top_k, m.shared_expert_intermediate, m.rms_norm_eps) == (64, 4, 96, 1e-5)
     _compare(tmp_path)
 
+
+def test_flex_olmo_structure(tmp_path):
+    """FlexOlmo-7x7B scaled from hidden 4096: 7 experts, top-5 (unnormalised softmax weights), multi-head
+    attention with q/k norms over all heads, post-norm blocks (no input norms), RoPE theta 5e5."""
+    import transformers as tf
+
+    torch.manual_seed(12)
+    cfg = tf.FlexOlmoConfig(
+        vocab_size=256, hidden_size=128, num_attention_heads=8, num_key_value_heads=8, intermediate_size=344,
+        num_hidden_layers=3, num_experts=7, num_experts_per_tok=5, max_position_embeddings=256, pad_token_id=0,
+        eos_token_id=1, rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+    )
+    model = tf.FlexOlmoForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.norm_topk_prob, m.qk_norm, m.post_norm) == (7, 5, False, "full", True)
+    _compare(tmp_path)
+
 def _to_mxfp4_checkpoint(path) -> None:
     """Rewrite a transformers-saved GPT-OSS as the released checkpoints are: experts as MXFP4 blocks of W
     ([E, out, in/32, 16] + E8M0 scales), a quantization_config transformers reads them with."""
