@@ -8,7 +8,7 @@ import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe",
             "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4",
-            "dots1", "hunyuan_v1_moe", "minimax_m2", "glm4_moe_lite", "flex_olmo")
+            "dots1", "hunyuan_v1_moe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "exaone_moe")
 _COMMON = dict(
     vocab_size=256,
     hidden_size=128,
@@ -116,6 +116,11 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     elif family == "flex_olmo":  # post-norm blocks, q/k norm over all heads
         kw.update(intermediate_size=64, num_experts=4, num_experts_per_tok=2)
         cfg_cls, model_cls = tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM
+    elif family == "exaone_moe":  # local (sliding, RoPE) and global (NoPE) layers alternating, 1 dense layer, V3 router
+        kw.update(num_hidden_layers=4, head_dim=32, intermediate_size=192, moe_intermediate_size=64, num_experts=8,
+                  num_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+                  sliding_window=8, sliding_window_pattern=2)
+        cfg_cls, model_cls = tf.ExaoneMoeConfig, tf.ExaoneMoeForCausalLM
     else:
         raise ValueError(family)
     kw.update(overrides)

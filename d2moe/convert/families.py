@@ -18,6 +18,7 @@ from d2moe.convert.family_configs import (
     dots1_config,
     ernie4_5_moe_config,
     ernie_fix,
+    exaone_moe_config,
     flex_olmo_config,
     glm4_moe_config,
     glm4_moe_lite_config,
@@ -79,6 +80,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("hunyuan_v1_moe", ("HunYuanMoEV1ForCausalLM",), "mlp", _SWIGLU_PROJ, hunyuan_moe_config),
     Family("glm4_moe_lite", ("Glm4MoeLiteForCausalLM",), "mlp", _SWIGLU_PROJ, glm4_moe_lite_config, fix=_MLA_FIX),
     Family("flex_olmo", ("FlexOlmoForCausalLM",), "mlp", _SWIGLU_PROJ, flex_olmo_config, special_names=post_norm_names),
+    Family("exaone_moe", ("ExaoneMoeForCausalLM",), "mlp", _SWIGLU_PROJ, exaone_moe_config),
     Family("minimax_m2", ("MiniMaxM2ForCausalLM",), "block_sparse_moe", _MIXTRAL_NAMES, minimax_m2_config),
 )
 
@@ -135,7 +137,7 @@ def canonical_name(fam: Family, name: str) -> str | None:
         return p + "router"
     if rest in (f"{fam.moe_module}.gate.e_score_correction_bias",  # DeepSeek-V3, GLM
                 f"{fam.moe_module}.moe_statics.e_score_correction_bias",  # ERNIE
-                f"{fam.moe_module}.e_score_correction_bias"):  # MiniMax-M2
+                f"{fam.moe_module}.e_score_correction_bias"):  # MiniMax-M2, K-EXAONE
         return p + "router_bias"
     if e := re.fullmatch(mod + r"\.experts\.(\d+)\.(\w+)\.weight", rest):
         proj = {v: k for k, v in fam.expert_matrices.items()}.get(e.group(2))

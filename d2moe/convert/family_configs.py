@@ -319,7 +319,7 @@ def dots1_config(hf: dict[str, Any], family: str) -> ModelConfig:
 
 
 
-def _per_layer(hf: dict[str, Any], key: str) -> int:
+def per_layer_value(hf: dict[str, Any], key: str) -> int:
     """A HunYuan config value given once or once per layer (then all alike: d2moe's layers share one layout)."""
     v = hf[key]
     if isinstance(v, list):
@@ -345,8 +345,8 @@ def hunyuan_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
         **base_fields(hf, family),
         attn_bias=bool(hf.get("attention_bias", False)),
         qk_norm="head_rope",  # transformers norms q and k whatever use_qk_norm says
-        num_experts=_per_layer(hf, "num_experts"),
-        top_k=_per_layer(hf, "moe_topk"),
+        num_experts=per_layer_value(hf, "num_experts"),
+        top_k=per_layer_value(hf, "moe_topk"),
         expert_intermediate=inter,
         norm_topk_prob=True,
         shared_expert_intermediate=inter,
@@ -372,6 +372,36 @@ def minimax_m2_config(hf: dict[str, Any], family: str) -> ModelConfig:
         norm_topk_prob=True,
         router_scoring="sigmoid",
         router_bias=True,
+    )
+
+
+def exaone_layer_types(hf: dict[str, Any]) -> list[str]:
+    """EXAONE's attention per layer: `layer_types`, else `sliding_window_pattern` (every Nth layer global, or
+    a string of L(ocal)/G(lobal) repeated, the last layer global); all global without a window."""
+    n = int(hf["num_hidden_layers"])
+    pattern = hf.get("sliding_window_pattern")
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    if not hf.get("sliding_window") or not pattern:
+        return ["full_attention"] * n
+    if isinstance(pattern, str):
+        types = ["sliding_attention" if pattern[L % len(pattern)] == "L" else "full_attention" for L in range(n)]
+        return types[:-1] + ["full_attention"]
+    return ["sliding_attention" if (L + 1) % int(pattern) else "full_attention" for L in range(n)]
+
+
+def exaone_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """K-EXAONE (ExaoneMoe): per-head q/k norm before RoPE; with a sliding window, local layers slide and use
+    RoPE while global layers attend everywhere without it (NoPE); DeepSeek-V3's router, shared experts and
+    dense layers (mlp_layer_types, else the first first_k_dense_replace)."""
+    types = exaone_layer_types(hf)
+    window = bool(hf.get("sliding_window"))
+    return ModelConfig(
+        **base_fields(hf, family),
+        qk_norm="head",
+        **sliding_fields(hf, types),
+        nope_layers=tuple(L for L, t in enumerate(types) if t != "sliding_attention") if window else (),
+        **v3_moe_fields(hf, first_dense(hf)),
     )
 
 def ernie4_5_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:

@@ -26,7 +26,7 @@ _ROUTER = {"llama4": "router", "gpt_oss": "router", "granitemoe": "router.layer"
 _SHARED = {"qwen2_moe": "shared_expert", "llama4": "shared_expert", "hunyuan_v1_moe": "shared_mlp"}
 _QK_NORMS = {"hunyuan_v1_moe": ("query_layernorm", "key_layernorm")}
 _CHOICE_BIAS = {"ernie4_5_moe": "mlp.moe_statics.e_score_correction_bias",
-                "minimax_m2": "block_sparse_moe.e_score_correction_bias"}
+                "minimax_m2": "block_sparse_moe.e_score_correction_bias", "exaone_moe": "mlp.e_score_correction_bias"}
 _HF_SHAPE = {("ernie4_5_moe", "mlp.moe_statics.e_score_correction_bias"): (1, -1)}  # stored [1, E]
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
          "kv_b_proj", "q_a_layernorm", "kv_a_layernorm")

@@ -325,6 +325,33 @@ def test_flex_olmo_structure(tmp_path):
     assert (m.num_experts, m.top_k, m.norm_topk_prob, m.qk_norm, m.post_norm) == (7, 5, False, "full", True)
     _compare(tmp_path)
 
+
+def test_exaone_moe_structure(tmp_path):
+    """K-EXAONE-like proportions at hidden 128: 64 experts, top-8, 1 shared, first layer dense, GQA 8:1, three
+    local (sliding, RoPE) layers then a global (NoPE) one, window shorter than the prompt, routed scaling 2.5;
+    the hub config gives sliding_window_pattern without layer_types."""
+    import transformers as tf
+
+    torch.manual_seed(13)
+    cfg = tf.ExaoneMoeConfig(
+        vocab_size=256, hidden_size=128, num_attention_heads=16, num_key_value_heads=2, head_dim=16,
+        intermediate_size=384, moe_intermediate_size=32, num_hidden_layers=5, num_experts=64, num_experts_per_tok=8,
+        num_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, sliding_window=8,
+        sliding_window_pattern=4, max_position_embeddings=256,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    )
+    model = tf.ExaoneMoeForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    hub = json.loads((tmp_path / "config.json").read_text())
+    del hub["layer_types"], hub["mlp_layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.dense_layers, m.shared_expert_intermediate) == (64, 8, (0,), 32)
+    assert (m.sliding_layers, m.nope_layers, m.sliding_window, m.qk_norm) == ((0, 1, 2, 4), (3,), 8, "head")
+    _compare(tmp_path)
+
 def _to_mxfp4_checkpoint(path) -> None:
     """Rewrite a transformers-saved GPT-OSS as the released checkpoints are: experts as MXFP4 blocks of W
     ([E, out, in/32, 16] + E8M0 scales), a quantization_config transformers reads them with."""
