@@ -8,7 +8,7 @@ import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe",
             "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4",
-            "dots1", "hunyuan_v1_moe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "exaone_moe")
+            "dots1", "hunyuan_v1_moe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "exaone_moe", "solar_open")
 _COMMON = dict(
     vocab_size=256,
     hidden_size=128,
@@ -121,6 +121,10 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                   num_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
                   sliding_window=8, sliding_window_pattern=2)
         cfg_cls, model_cls = tf.ExaoneMoeConfig, tf.ExaoneMoeForCausalLM
+    elif family == "solar_open":  # Llama attention, V3 router in 2 groups and a shared expert in every layer
+        kw.update(head_dim=32, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                  n_group=2, topk_group=1, routed_scaling_factor=1.5)
+        cfg_cls, model_cls = tf.SolarOpenConfig, tf.SolarOpenForCausalLM
     else:
         raise ValueError(family)
     kw.update(overrides)

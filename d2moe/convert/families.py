@@ -37,6 +37,7 @@ from d2moe.convert.family_configs import (
     post_norm_names,
     qwen_moe_config,
     rope_rows_halved,
+    solar_open_config,
 )
 from d2moe.convert.hf_config import ConversionError, Fix, Part, SpecialNames
 
@@ -81,6 +82,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("glm4_moe_lite", ("Glm4MoeLiteForCausalLM",), "mlp", _SWIGLU_PROJ, glm4_moe_lite_config, fix=_MLA_FIX),
     Family("flex_olmo", ("FlexOlmoForCausalLM",), "mlp", _SWIGLU_PROJ, flex_olmo_config, special_names=post_norm_names),
     Family("exaone_moe", ("ExaoneMoeForCausalLM",), "mlp", _SWIGLU_PROJ, exaone_moe_config),
+    Family("solar_open", ("SolarOpenForCausalLM",), "mlp", _SWIGLU_PROJ, solar_open_config),
     Family("minimax_m2", ("MiniMaxM2ForCausalLM",), "block_sparse_moe", _MIXTRAL_NAMES, minimax_m2_config),
 )
 

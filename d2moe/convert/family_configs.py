@@ -404,6 +404,19 @@ def exaone_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
         **v3_moe_fields(hf, first_dense(hf)),
     )
 
+
+def solar_open_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """Solar Open: GLM-4.5's MoE (V3 router, shared experts) in every layer under Llama's attention (RoPE on
+    whole heads, no q/k norm)."""
+    if float(rope_params(hf).get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ConversionError("Solar Open with partial_rotary_factor < 1 is not supported (transformers rotates "
+                              "whole heads)")
+    return ModelConfig(
+        **base_fields(hf, family),
+        attn_bias=bool(hf.get("attention_bias", False)),
+        **v3_moe_fields(hf, ()),
+    )
+
 def ernie4_5_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
     """ERNIE-4.5 MoE: softmax routing with a choice-only per-expert bias (moe_statics), shared experts,
     MoE layers on a grid between start and end index, interleaved-pair RoPE (rows halved at conversion)."""

@@ -352,6 +352,26 @@ def test_exaone_moe_structure(tmp_path):
     assert (m.sliding_layers, m.nope_layers, m.sliding_window, m.qk_norm) == ((0, 1, 2, 4), (3,), 8, "head")
     _compare(tmp_path)
 
+
+def test_solar_open_structure(tmp_path):
+    """Solar Open 100B scaled from hidden 4096: 128 routed -> 64 experts, top-8, 1 shared, every layer MoE,
+    GQA 8:1 with heads x head_dim = 2 x hidden, RoPE theta 1e6 on whole heads."""
+    import transformers as tf
+
+    torch.manual_seed(14)
+    cfg = tf.SolarOpenConfig(
+        vocab_size=256, hidden_size=128, num_attention_heads=16, num_key_value_heads=2, head_dim=16,
+        moe_intermediate_size=40, num_hidden_layers=3, n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=8,
+        max_position_embeddings=256, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    )
+    model = tf.SolarOpenForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.dense_layers, m.shared_expert_intermediate, m.rope_dim) == (64, 8, (), 40, 16)
+    _compare(tmp_path)
+
 def _to_mxfp4_checkpoint(path) -> None:
     """Rewrite a transformers-saved GPT-OSS as the released checkpoints are: experts as MXFP4 blocks of W
     ([E, out, in/32, 16] + E8M0 scales), a quantization_config transformers reads them with."""
