@@ -8,7 +8,8 @@ import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe",
             "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4",
-            "dots1", "hunyuan_v1_moe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "exaone_moe", "solar_open")
+            "dots1", "hunyuan_v1_moe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "exaone_moe", "solar_open",
+            "granitemoe_swa")
 _COMMON = dict(
     vocab_size=256,
     hidden_size=128,
@@ -125,6 +126,12 @@ def tiny_model(family: str, seed: int = 0, **overrides):
         kw.update(head_dim=32, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
                   n_group=2, topk_group=1, routed_scaling_factor=1.5)
         cfg_cls, model_cls = tf.SolarOpenConfig, tf.SolarOpenForCausalLM
+    elif family == "granitemoe_swa":  # Granite's multipliers, sinks, window 8 on layers 1-2, layer 0 full and NoPE
+        kw.update(num_hidden_layers=3, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                  shared_intermediate_size=128, embedding_multiplier=12.0, residual_multiplier=0.22,
+                  attention_multiplier=0.03, logits_scaling=0.25, sliding_window=8,
+                  layer_rope_theta=[0, 10000.0, 10000.0])
+        cfg_cls, model_cls = tf.GraniteMoeSWAConfig, tf.GraniteMoeSWAForCausalLM
     else:
         raise ValueError(family)
     kw.update(overrides)

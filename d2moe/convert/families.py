@@ -26,6 +26,7 @@ from d2moe.convert.family_configs import (
     gpt_oss_names,
     granite_config,
     granite_names,
+    granitemoe_swa_config,
     hunyuan_moe_config,
     llama4_config,
     llama4_names,
@@ -75,6 +76,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("granitemoe", ("GraniteMoeForCausalLM",), "block_sparse_moe", {}, granite_config,
            special_names=granite_names),
     Family("granitemoeshared", ("GraniteMoeSharedForCausalLM",), "block_sparse_moe", {}, granite_config,
+           special_names=granite_names),
+    Family("granitemoe_swa", ("GraniteMoeSWAForCausalLM",), "block_sparse_moe", {}, granitemoe_swa_config,
            special_names=granite_names),
     Family("phimoe", ("PhimoeForCausalLM", "PhiMoEForCausalLM"), "block_sparse_moe", _MIXTRAL_NAMES, phimoe_config),
     Family("dots1", ("Dots1ForCausalLM",), "mlp", _SWIGLU_PROJ, dots1_config),
@@ -127,6 +130,8 @@ def canonical_name(fam: Family, name: str) -> str | None:
     if rest.startswith(("input_layernorm.", "post_attention_layernorm.")):
         which, kind = rest.split(".")
         return p + ("attn_norm" if which == "input_layernorm" else "ffn_norm") + ("_b" if kind == "bias" else "")
+    if rest == "self_attn.sinks":  # GraniteMoeSWA (GPT-OSS's are read by its own table)
+        return p + "sinks"
     if a := re.fullmatch(r"self_attn\.(\w+)\.(weight|bias)", rest):
         proj, kind = a.groups()
         if proj in _ATTN:

@@ -4,6 +4,7 @@ them in one table row per family)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -202,10 +203,29 @@ def granite_config(hf: dict[str, Any], family: str) -> ModelConfig:
     )
 
 
+
+def granitemoe_swa_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """GraniteMoeSWA: GraniteMoeShared with attention sinks, sliding layers (`layer_types`, default: every 4th
+    layer full) and per-layer RoPE bases where 0 means no RoPE (NoPE); the other layers must share one base."""
+    n = int(hf["num_hidden_layers"])
+    types = hf.get("layer_types") or ["full_attention" if L % 4 == 0 else "sliding_attention" for L in range(n)]
+    thetas = [float(t) for t in (hf.get("layer_rope_theta") or [])[:n]]
+    bases = {t for t in thetas if t}
+    if len(bases) > 1:
+        raise ConversionError(f"GraniteMoeSWA with several RoPE bases ({sorted(bases)}) is not supported; d2moe "
+                              "needs one base (0: NoPE layers are fine)")
+    hf = {**hf, "rope_theta": bases.pop()} if bases else hf
+    cfg = granite_config(hf, family)
+    return dataclasses.replace(cfg, attention_sinks=True, **sliding_fields(hf, types),
+                               nope_layers=tuple(L for L, t in enumerate(thetas) if not t))
+
 def granite_names(model: ModelConfig, name: str) -> list[tuple[str, Part | None]] | None:
     """Granite stores each layer's experts fused: input_linear [E, 2I, H] (gate rows, then up rows) and
-    output_linear [E, H, I] (transformers 5 in memory: experts.gate_up_proj / down_proj, same layout); the
-    shared expert the same way without E. The router is `router.layer`."""
+    output_linear [E, H, I] (transformers 5 in memory, and GraniteMoeSWA's checkpoints: experts.gate_up_proj /
+    down_proj, same layout); the shared expert the same way without E. The router is `router.layer` (or
+    `router`)."""
+    if re.search(r"\.experts\.(gate_up_proj|down_proj)$", name):  # GraniteMoeSWA saves these without .weight
+        name += ".weight"
     m = re.fullmatch(r"model\.layers\.(\d+)\.(block_sparse_moe|shared_mlp)\.(\w+(?:\.\w+)?)\.weight", name)
     if not m:
         return None

@@ -127,6 +127,30 @@ def test_granite_structure(tmp_path, shared):
     _compare(tmp_path)
 
 
+
+def test_granitemoe_swa_structure(tmp_path):
+    """GraniteMoeSWA at granite-3.0-3b-a800m's proportions (hidden 1536 -> 192): 40 experts, top-8, GQA 3:1,
+    a shared expert, its four multipliers, sinks, the default layer types (every 4th layer full, the rest
+    sliding with a window shorter than the prompt) and the full layers without RoPE (layer_rope_theta 0)."""
+    import transformers as tf
+
+    torch.manual_seed(15)
+    cfg = tf.GraniteMoeSWAConfig(
+        vocab_size=256, hidden_size=192, intermediate_size=64, num_hidden_layers=5, num_attention_heads=6,
+        num_key_value_heads=2, num_local_experts=40, num_experts_per_tok=8, shared_intermediate_size=256,
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=6.0,
+        sliding_window=16, layer_rope_theta=[0, 10000.0, 10000.0, 10000.0, 0], max_position_embeddings=256,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    )
+    model = tf.GraniteMoeSWAForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.shared_expert_intermediate, m.attention_sinks) == (40, 8, 256, True)
+    assert (m.sliding_layers, m.nope_layers, m.sliding_window) == ((1, 2, 3), (0, 4), 16)
+    _compare(tmp_path)
+
 def test_phimoe_structure(tmp_path):
     """Phi-3.5-MoE scaled from hidden 4096: 16 experts, top-2 by sparsemixer, GQA 4:1, LayerNorms, q/k/v/o and
     head biases, LongRoPE with per-frequency short factors and mscale, sliding window = context."""
