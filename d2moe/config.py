@@ -1,10 +1,10 @@
 """Frozen configs shared by conversion, storage and runtime.
 
-`ModelConfig` is d2moe's canonical description of an MoE decoder: every family (Mixtral, Qwen2-MoE,
-Qwen3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4.5, ERNIE-4.5, GPT-OSS, Llama 4, GraniteMoE, PhiMoE, the built-in
-MoEfied SmolLM2) maps its own config onto it, so the runtime has one code path. It is stored verbatim in a
-store's `config.json` under "model"; fields added later have defaults that mean "as before", so older
-stores keep loading.
+`ModelConfig` is d2moe's canonical description of an MoE decoder: every family (the rows of
+convert/families.py: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4.5, ERNIE-4.5, GPT-OSS, Llama 4, ...;
+and the built-in MoEfied SmolLM2) maps its own config onto it, so the runtime has one code path. It is
+stored verbatim in a store's `config.json` under "model"; fields added later have defaults that mean "as
+before", so older stores keep loading.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from d2moe.engine.policies import policy_spec
 
-QkNorm = Literal["none", "head", "full", "l2"]
+QkNorm = Literal["none", "head", "full", "l2", "head_rope"]
 RouterScoring = Literal["softmax", "linear", "sigmoid", "sparsemixer"]
 AttentionKind = Literal["gqa", "mla"]
 GroupScore = Literal["max", "top2"]
@@ -63,8 +63,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attn_bias: bool = field(default=False, metadata={"help": "q/k/v projections carry biases (Qwen2-MoE)"})
     qk_norm: QkNorm = field(
-        default="none", metadata={"help": "RMSNorm on q/k: per head (Qwen3-MoE), over all heads (OLMoE), or l2: "
-                                          "weightless per head after RoPE, RoPE layers only (Llama 4)"}
+        default="none", metadata={"help": "RMSNorm on q/k: per head (Qwen3-MoE), over all heads (OLMoE), l2: "
+                                          "weightless per head after RoPE, RoPE layers only (Llama 4), or "
+                                          "head_rope: per head with weights, after RoPE (HunYuan)"}
     )
     attention: AttentionKind = field(
         default="gqa",
@@ -75,6 +76,10 @@ class ModelConfig:
     kv_lora_rank: int = field(default=0, metadata={"help": "MLA: width of the cached key/value latent"})
     qk_rope_head_dim: int = field(default=0, metadata={"help": "MLA: rotary dims per q/k head (shared by heads)"})
     v_head_dim: int = field(default=0, metadata={"help": "MLA: value dims per head (0: head_dim)"})
+    latent_norm_eps: float = field(
+        default=0.0, metadata={"help": "MLA: eps of the q/kv latent RMSNorms (0: rms_norm_eps). GLM-4.7-Flash's "
+                                       "are 1e-6 while its other norms use rms_norm_eps 1e-5"}
+    )
     rotary_dim: int = field(default=0, metadata={"help": "leading dims of each head RoPE rotates (0: all; GLM: half)"})
     softmax_scale: float = field(default=0.0, metadata={"help": "attention scale (0: 1/sqrt(q/k head dim))"})
     attention_sinks: bool = field(
@@ -90,6 +95,10 @@ class ModelConfig:
                                      "temperature_floor)) (Llama 4; 0: off)"}
     )
     temperature_scale: float = 0.1
+    post_norm: bool = field(
+        default=False, metadata={"help": "each block's norm sits on its output before the residual add, not on "
+                                         "its input (OLMo 2 / FlexOlmo): attn_norm / ffn_norm norm the outputs"}
+    )
     norm: NormKind = field(default="rms", metadata={"help": "rms: RMSNorm; layer: LayerNorm with bias (PhiMoE)"})
     embedding_multiplier: float = field(default=1.0, metadata={"help": "scales the embeddings (Granite)"})
     residual_multiplier: float = field(default=1.0, metadata={"help": "scales each block's output (Granite)"})
@@ -158,6 +167,10 @@ class ModelConfig:
     def rope_dim(self) -> int:
         """Dims each q/k head rotates: all of them, the leading `rotary_dim`, or MLA's decoupled rotary part."""
         return self.qk_rope_head_dim if self.attention == "mla" else (self.rotary_dim or self.head_dim)
+
+    @property
+    def latent_eps(self) -> float:
+        return self.latent_norm_eps or self.rms_norm_eps
 
     @property
     def value_dim(self) -> int:

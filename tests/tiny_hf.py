@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "granitemoe",
-            "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4")
+            "granitemoeshared", "phimoe", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4",
+            "dots1", "hunyuan_v1_moe", "minimax_m2", "glm4_moe_lite", "flex_olmo", "exaone_moe", "solar_open",
+            "granitemoe_swa")
 _COMMON = dict(
     vocab_size=256,
     hidden_size=128,
@@ -94,6 +96,42 @@ def tiny_model(family: str, seed: int = 0, **overrides):
                   num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=8,
                   floor_scale=4, attn_scale=0.5)  # the query temperature grows within the prompt
         cfg_cls, model_cls = tf.Llama4TextConfig, tf.Llama4ForCausalLM
+    elif family == "dots1":  # V3 router in 2 groups, 1 dense layer, 2 shared experts; the last 2 layers slide
+        kw.update(num_hidden_layers=3, head_dim=32, intermediate_size=192, moe_intermediate_size=64,
+                  n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                  n_group=2, topk_group=1, routed_scaling_factor=1.5, sliding_window=8, max_window_layers=1)
+        cfg_cls, model_cls = tf.Dots1Config, tf.Dots1ForCausalLM
+    elif family == "hunyuan_v1_moe":  # q/k norms after RoPE, NTK-alpha RoPE, a shared MLP in every layer
+        kw.update(head_dim=32, intermediate_size=64, num_experts=8, moe_topk=2,
+                  rope_parameters=dict(rope_type="dynamic", alpha=1000.0, factor=1.0, rope_theta=10000.0))
+        cfg_cls, model_cls = tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM
+    elif family == "minimax_m2":  # sigmoid router + choice bias, q/k norm over all heads, RoPE on half of each head
+        kw.update(head_dim=32, rotary_dim=16, intermediate_size=64, num_local_experts=8, num_experts_per_tok=2)
+        cfg_cls, model_cls = tf.MiniMaxM2Config, tf.MiniMaxM2ForCausalLM
+    elif family == "glm4_moe_lite":  # MLA with q LoRA under the V3 router; layers dense, MoE, dense (mlp_layer_types)
+        kw.update(num_hidden_layers=3, num_key_value_heads=4, intermediate_size=192, moe_intermediate_size=64,
+                  n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                  mlp_layer_types=["dense", "sparse", "dense"], kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16,
+                  qk_rope_head_dim=8, v_head_dim=24, rms_norm_eps=1e-5)
+        cfg_cls, model_cls = tf.Glm4MoeLiteConfig, tf.Glm4MoeLiteForCausalLM
+    elif family == "flex_olmo":  # post-norm blocks, q/k norm over all heads
+        kw.update(intermediate_size=64, num_experts=4, num_experts_per_tok=2)
+        cfg_cls, model_cls = tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM
+    elif family == "exaone_moe":  # local (sliding, RoPE) and global (NoPE) layers alternating, 1 dense layer, V3 router
+        kw.update(num_hidden_layers=4, head_dim=32, intermediate_size=192, moe_intermediate_size=64, num_experts=8,
+                  num_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+                  sliding_window=8, sliding_window_pattern=2)
+        cfg_cls, model_cls = tf.ExaoneMoeConfig, tf.ExaoneMoeForCausalLM
+    elif family == "solar_open":  # Llama attention, V3 router in 2 groups and a shared expert in every layer
+        kw.update(head_dim=32, moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                  n_group=2, topk_group=1, routed_scaling_factor=1.5)
+        cfg_cls, model_cls = tf.SolarOpenConfig, tf.SolarOpenForCausalLM
+    elif family == "granitemoe_swa":  # Granite's multipliers, sinks, window 8 on layers 1-2, layer 0 full and NoPE
+        kw.update(num_hidden_layers=3, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                  shared_intermediate_size=128, embedding_multiplier=12.0, residual_multiplier=0.22,
+                  attention_multiplier=0.03, logits_scaling=0.25, sliding_window=8,
+                  layer_rope_theta=[0, 10000.0, 10000.0])
+        cfg_cls, model_cls = tf.GraniteMoeSWAConfig, tf.GraniteMoeSWAForCausalLM
     else:
         raise ValueError(family)
     kw.update(overrides)

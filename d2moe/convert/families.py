@@ -15,21 +15,30 @@ from typing import Any
 from d2moe.config import ModelConfig
 from d2moe.convert.family_configs import (
     deepseek_config,
+    dots1_config,
     ernie4_5_moe_config,
     ernie_fix,
+    exaone_moe_config,
+    flex_olmo_config,
     glm4_moe_config,
+    glm4_moe_lite_config,
     gpt_oss_config,
     gpt_oss_names,
     granite_config,
     granite_names,
+    granitemoe_swa_config,
+    hunyuan_moe_config,
     llama4_config,
     llama4_names,
+    minimax_m2_config,
     mixtral_config,
     mla_rope_rows_halved,
     olmoe_config,
     phimoe_config,
+    post_norm_names,
     qwen_moe_config,
     rope_rows_halved,
+    solar_open_config,
 )
 from d2moe.convert.hf_config import ConversionError, Fix, Part, SpecialNames
 
@@ -68,7 +77,16 @@ FAMILIES: tuple[Family, ...] = (
            special_names=granite_names),
     Family("granitemoeshared", ("GraniteMoeSharedForCausalLM",), "block_sparse_moe", {}, granite_config,
            special_names=granite_names),
+    Family("granitemoe_swa", ("GraniteMoeSWAForCausalLM",), "block_sparse_moe", {}, granitemoe_swa_config,
+           special_names=granite_names),
     Family("phimoe", ("PhimoeForCausalLM", "PhiMoEForCausalLM"), "block_sparse_moe", _MIXTRAL_NAMES, phimoe_config),
+    Family("dots1", ("Dots1ForCausalLM",), "mlp", _SWIGLU_PROJ, dots1_config),
+    Family("hunyuan_v1_moe", ("HunYuanMoEV1ForCausalLM",), "mlp", _SWIGLU_PROJ, hunyuan_moe_config),
+    Family("glm4_moe_lite", ("Glm4MoeLiteForCausalLM",), "mlp", _SWIGLU_PROJ, glm4_moe_lite_config, fix=_MLA_FIX),
+    Family("flex_olmo", ("FlexOlmoForCausalLM",), "mlp", _SWIGLU_PROJ, flex_olmo_config, special_names=post_norm_names),
+    Family("exaone_moe", ("ExaoneMoeForCausalLM",), "mlp", _SWIGLU_PROJ, exaone_moe_config),
+    Family("solar_open", ("SolarOpenForCausalLM",), "mlp", _SWIGLU_PROJ, solar_open_config),
+    Family("minimax_m2", ("MiniMaxM2ForCausalLM",), "block_sparse_moe", _MIXTRAL_NAMES, minimax_m2_config),
 )
 
 
@@ -92,6 +110,7 @@ _ATTN = {
     # multi-head latent attention (DeepSeek)
     "q_a_proj": "wq_a", "q_b_proj": "wq_b", "kv_a_proj_with_mqa": "wkv_a", "kv_b_proj": "wkv_b",
     "q_a_layernorm": "q_a_norm", "kv_a_layernorm": "kv_a_norm",
+    "query_layernorm": "q_norm", "key_layernorm": "k_norm",  # HunYuan
 }
 _FFN = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
@@ -111,6 +130,8 @@ def canonical_name(fam: Family, name: str) -> str | None:
     if rest.startswith(("input_layernorm.", "post_attention_layernorm.")):
         which, kind = rest.split(".")
         return p + ("attn_norm" if which == "input_layernorm" else "ffn_norm") + ("_b" if kind == "bias" else "")
+    if rest == "self_attn.sinks":  # GraniteMoeSWA (GPT-OSS's are read by its own table)
+        return p + "sinks"
     if a := re.fullmatch(r"self_attn\.(\w+)\.(weight|bias)", rest):
         proj, kind = a.groups()
         if proj in _ATTN:
@@ -118,15 +139,17 @@ def canonical_name(fam: Family, name: str) -> str | None:
             return p + (canon if kind == "weight" else "b" + canon[1:])
         return None
     mod = re.escape(fam.moe_module)
-    if rest in (f"{fam.moe_module}.gate.weight", f"{fam.moe_module}.router.weight"):
+    if rest in (f"{fam.moe_module}.gate.weight", f"{fam.moe_module}.router.weight",
+                f"{fam.moe_module}.gate.wg.weight"):  # HunYuan
         return p + "router"
     if rest in (f"{fam.moe_module}.gate.e_score_correction_bias",  # DeepSeek-V3, GLM
-                f"{fam.moe_module}.moe_statics.e_score_correction_bias"):  # ERNIE
+                f"{fam.moe_module}.moe_statics.e_score_correction_bias",  # ERNIE
+                f"{fam.moe_module}.e_score_correction_bias"):  # MiniMax-M2, K-EXAONE
         return p + "router_bias"
     if e := re.fullmatch(mod + r"\.experts\.(\d+)\.(\w+)\.weight", rest):
         proj = {v: k for k, v in fam.expert_matrices.items()}.get(e.group(2))
         return f"{p}experts.{e.group(1)}.{proj}" if proj else None
-    if s := re.fullmatch(rf"(?:mlp|{mod})\.shared_experts?\.(\w+)\.weight", rest):
+    if s := re.fullmatch(rf"(?:mlp|{mod})\.shared_(?:experts?|mlp)\.(\w+)\.weight", rest):  # shared_mlp: HunYuan
         return p + "shared." + _FFN[s.group(1)] if s.group(1) in _FFN else None
     if rest == "mlp.shared_expert_gate.weight":
         return p + "shared_gate"

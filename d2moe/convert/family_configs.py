@@ -4,6 +4,7 @@ them in one table row per family)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -16,6 +17,7 @@ from d2moe.convert.hf_config import (
     base_fields,
     hf_get,
     rope_params,
+    rope_theta,
     yarn_mscale,
 )
 
@@ -71,17 +73,39 @@ def olmoe_config(hf: dict[str, Any], family: str) -> ModelConfig:
     )
 
 
+
+def flex_olmo_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """FlexOlmo: OLMoE's router and q/k norms over all heads, with OLMo 2's post-norm blocks (each block's
+    output is normed before the residual add; no input norms)."""
+    return ModelConfig(
+        **base_fields(hf, family),
+        attn_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="full",
+        post_norm=True,
+        num_experts=int(hf_get(hf, "num_experts", "num_local_experts")),
+        top_k=int(hf["num_experts_per_tok"]),
+        expert_intermediate=int(hf["intermediate_size"]),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+    )
+
+
+def post_norm_names(model: ModelConfig, name: str) -> list[tuple[str, Part | None]] | None:
+    """Post-norm layers (FlexOlmo): post_attention_layernorm norms the attention's output (canonical attn_norm),
+    post_feedforward_layernorm the FFN's (ffn_norm); there is no input_layernorm."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(input|post_attention|post_feedforward)_layernorm\.weight", name)
+    if not m:
+        return None
+    L = int(m.group(1))
+    if L >= model.num_layers or m.group(2) == "input":
+        return []
+    return [(f"layers.{L}." + ("attn_norm" if m.group(2) == "post_attention" else "ffn_norm"), None)]
+
 def deepseek_config(hf: dict[str, Any], family: str) -> ModelConfig:
     """DeepSeek-V2/V3: MLA, shared experts, leading dense layers, group-limited routing. V2 scores by
     softmax (greedy or group-limited by each group's best expert); V3 by sigmoid plus a choice-only bias,
     groups ranked by their best two experts."""
     base = base_fields(hf, family)
-    dn, dr = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
-    base.update(head_dim=dn + dr, num_kv_heads=base["num_heads"])  # MLA: every head has its own k and v
-    scale = (dn + dr) ** -0.5
-    params = rope_params(hf)
-    if base["rope_scaling"] is not None and params.get("mscale_all_dim"):
-        scale *= yarn_mscale(base["rope_scaling"].factor, float(params["mscale_all_dim"])) ** 2
+    mla = mla_fields(hf, base)
     v3 = family == "deepseek_v3"
     method = hf.get("topk_method") or ("noaux_tc" if v3 else "greedy")
     scoring = hf.get("scoring_func") or ("sigmoid" if v3 else "softmax")
@@ -95,12 +119,7 @@ def deepseek_config(hf: dict[str, Any], family: str) -> ModelConfig:
     moe_i = int(hf["moe_intermediate_size"])
     return ModelConfig(
         **base,
-        attention="mla",
-        q_lora_rank=int(hf.get("q_lora_rank") or 0),
-        kv_lora_rank=int(hf["kv_lora_rank"]),
-        qk_rope_head_dim=dr,
-        v_head_dim=int(hf["v_head_dim"]),
-        softmax_scale=scale,
+        **mla,
         num_experts=int(hf_get(hf, "n_routed_experts", "num_local_experts")),
         top_k=int(hf["num_experts_per_tok"]),
         expert_intermediate=moe_i,
@@ -114,6 +133,37 @@ def deepseek_config(hf: dict[str, Any], family: str) -> ModelConfig:
         shared_expert_intermediate=moe_i * int(hf.get("n_shared_experts") or 0),
         dense_layers=dense,
         dense_intermediate=int(hf["intermediate_size"]) if dense else 0,
+    )
+
+
+def mla_fields(hf: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Multi-head latent attention's fields (DeepSeek-V2/V3, GLM-4.7-Flash); sets `base`'s head_dim to the q/k
+    head dim and its KV heads to its heads. The scale is 1/sqrt(q/k head dim), times YaRN's mscale squared."""
+    dn, dr = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
+    base.update(head_dim=dn + dr, num_kv_heads=base["num_heads"])  # MLA: every head has its own k and v
+    scale = (dn + dr) ** -0.5
+    params = rope_params(hf)
+    if base["rope_scaling"] is not None and params.get("mscale_all_dim"):
+        scale *= yarn_mscale(base["rope_scaling"].factor, float(params["mscale_all_dim"])) ** 2
+    return dict(attention="mla", q_lora_rank=int(hf.get("q_lora_rank") or 0), kv_lora_rank=int(hf["kv_lora_rank"]),
+                qk_rope_head_dim=dr, v_head_dim=int(hf["v_head_dim"]), softmax_scale=scale)
+
+
+def glm4_moe_lite_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """GLM-4.7-Flash (Glm4MoeLite): DeepSeek-V3's MLA (interleaved RoPE pairs, reordered at conversion; latent
+    norms at transformers' default eps 1e-6) under GLM-4.5's MoE: V3 router, shared experts, dense layers per
+    mlp_layer_types (default: the first)."""
+    if float(rope_params(hf).get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ConversionError("GLM-4.7-Flash with partial_rotary_factor < 1 is not supported")
+    base = base_fields(hf, family)
+    mla = mla_fields(hf, base)
+    n = int(hf["num_hidden_layers"])
+    types = hf.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
+    return ModelConfig(
+        **base,
+        **mla,
+        latent_norm_eps=1e-6,
+        **v3_moe_fields(hf, tuple(L for L, t in enumerate(types[:n]) if t == "dense")),
     )
 
 
@@ -153,10 +203,29 @@ def granite_config(hf: dict[str, Any], family: str) -> ModelConfig:
     )
 
 
+
+def granitemoe_swa_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """GraniteMoeSWA: GraniteMoeShared with attention sinks, sliding layers (`layer_types`, default: every 4th
+    layer full) and per-layer RoPE bases where 0 means no RoPE (NoPE); the other layers must share one base."""
+    n = int(hf["num_hidden_layers"])
+    types = hf.get("layer_types") or ["full_attention" if L % 4 == 0 else "sliding_attention" for L in range(n)]
+    thetas = [float(t) for t in (hf.get("layer_rope_theta") or [])[:n]]
+    bases = {t for t in thetas if t}
+    if len(bases) > 1:
+        raise ConversionError(f"GraniteMoeSWA with several RoPE bases ({sorted(bases)}) is not supported; d2moe "
+                              "needs one base (0: NoPE layers are fine)")
+    hf = {**hf, "rope_theta": bases.pop()} if bases else hf
+    cfg = granite_config(hf, family)
+    return dataclasses.replace(cfg, attention_sinks=True, **sliding_fields(hf, types),
+                               nope_layers=tuple(L for L, t in enumerate(thetas) if not t))
+
 def granite_names(model: ModelConfig, name: str) -> list[tuple[str, Part | None]] | None:
     """Granite stores each layer's experts fused: input_linear [E, 2I, H] (gate rows, then up rows) and
-    output_linear [E, H, I] (transformers 5 in memory: experts.gate_up_proj / down_proj, same layout); the
-    shared expert the same way without E. The router is `router.layer`."""
+    output_linear [E, H, I] (transformers 5 in memory, and GraniteMoeSWA's checkpoints: experts.gate_up_proj /
+    down_proj, same layout); the shared expert the same way without E. The router is `router.layer` (or
+    `router`)."""
+    if re.search(r"\.experts\.(gate_up_proj|down_proj)$", name):  # GraniteMoeSWA saves these without .weight
+        name += ".weight"
     m = re.fullmatch(r"model\.layers\.(\d+)\.(block_sparse_moe|shared_mlp)\.(\w+(?:\.\w+)?)\.weight", name)
     if not m:
         return None
@@ -202,20 +271,13 @@ def phimoe_config(hf: dict[str, Any], family: str) -> ModelConfig:
     )
 
 
-def glm4_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
-    """GLM-4.5 MoE: DeepSeek-V3's router, shared experts and leading dense layers on GQA attention with
-    q/k/v biases, optional per-head q/k norm and RoPE on the leading half of each head."""
-    base = base_fields(hf, family)
-    partial = rope_params(hf).get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 0.5
-    n, first = int(hf["num_hidden_layers"]), int(hf.get("first_k_dense_replace") or 0)
-    dense = tuple(range(min(first, n)))
+def v3_moe_fields(hf: dict[str, Any], dense: tuple[int, ...]) -> dict[str, Any]:
+    """The MoE fields of the families built on DeepSeek-V3's router (GLM-4.5, dots1, GLM-4.7-Flash, K-EXAONE):
+    sigmoid scores with a choice-only bias, groups ranked by their best two, routed scaling, shared experts of
+    the routed experts' width, `dense` layers with a plain FFN."""
     moe_i = int(hf["moe_intermediate_size"])
-    return ModelConfig(
-        **base,
-        attn_bias=bool(hf.get("attention_bias", False)),
-        qk_norm="head" if hf.get("use_qk_norm") else "none",
-        rotary_dim=int(base["head_dim"] * float(partial)),
-        num_experts=int(hf_get(hf, "n_routed_experts", "num_local_experts")),
+    return dict(
+        num_experts=int(hf_get(hf, "n_routed_experts", "num_experts", "num_local_experts")),
         top_k=int(hf["num_experts_per_tok"]),
         expert_intermediate=moe_i,
         norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
@@ -225,11 +287,155 @@ def glm4_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
         topk_groups=int(hf.get("topk_group") or 1),
         group_score="top2",
         routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
-        shared_expert_intermediate=moe_i * int(hf.get("n_shared_experts") or 0),
+        shared_expert_intermediate=moe_i * int(hf_get(hf, "n_shared_experts", "num_shared_experts", default=0)),
         dense_layers=dense,
         dense_intermediate=int(hf["intermediate_size"]) if dense else 0,
     )
 
+
+def first_dense(hf: dict[str, Any]) -> tuple[int, ...]:
+    """Dense FFN layers: those `mlp_layer_types` calls dense, else the first `first_k_dense_replace`."""
+    n = int(hf["num_hidden_layers"])
+    if types := hf.get("mlp_layer_types"):
+        return tuple(L for L, t in enumerate(types[:n]) if t == "dense")
+    return tuple(range(min(int(hf.get("first_k_dense_replace") or 0), n)))
+
+
+def sliding_fields(hf: dict[str, Any], types: list[str] | None) -> dict[str, Any]:
+    """sliding_window / sliding_layers from per-layer `types` ("sliding_attention" slides; None: none do)."""
+    window = int(hf.get("sliding_window") or 0)
+    layers = tuple(L for L, t in enumerate((types or [])[: int(hf["num_hidden_layers"])]) if t == "sliding_attention")
+    return dict(sliding_window=window, sliding_layers=layers) if window and layers else {}
+
+
+def glm4_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """GLM-4.5 MoE: DeepSeek-V3's router, shared experts and leading dense layers on GQA attention with
+    q/k/v biases, optional per-head q/k norm and RoPE on the leading half of each head."""
+    base = base_fields(hf, family)
+    partial = rope_params(hf).get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 0.5
+    return ModelConfig(
+        **base,
+        attn_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="head" if hf.get("use_qk_norm") else "none",
+        rotary_dim=int(base["head_dim"] * float(partial)),
+        **v3_moe_fields(hf, first_dense(hf)),
+    )
+
+
+def dots1_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """dots.llm1: Qwen3's attention (per-head q/k norm; layers from max_window_layers on slide when a window is
+    set) on DeepSeek-V3's MoE (sigmoid router with choice bias, shared experts, leading dense layers)."""
+    n = int(hf["num_hidden_layers"])
+    window_from = int(hf.get("max_window_layers") if hf.get("max_window_layers") is not None else n)
+    types = hf.get("layer_types") or ["sliding_attention" if hf.get("sliding_window") and L >= window_from
+                                      else "full_attention" for L in range(n)]
+    return ModelConfig(
+        **base_fields(hf, family),
+        attn_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="head",
+        **sliding_fields(hf, types),
+        **{**v3_moe_fields(hf, first_dense(hf)), "norm_topk_prob": bool(hf.get("norm_topk_prob", False))},
+    )
+
+
+
+def per_layer_value(hf: dict[str, Any], key: str) -> int:
+    """A HunYuan config value given once or once per layer (then all alike: d2moe's layers share one layout)."""
+    v = hf[key]
+    if isinstance(v, list):
+        if len(set(v)) != 1:
+            raise ConversionError(f"{key} differs between layers ({sorted(set(v))}); d2moe needs one value")
+        v = v[0]
+    return int(v)
+
+
+def hunyuan_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """Hunyuan-A13B (HunYuanMoEV1): softmax top-k renormalised, a shared MLP as wide as the experts in every
+    layer (both `intermediate_size`), per-head q/k norms with weights applied after RoPE, and NTK-alpha RoPE
+    (rope type "dynamic" with a fixed alpha: the base becomes theta * alpha^(D / (D - 2)), length independent)."""
+    if hf.get("use_cla"):
+        raise ConversionError("HunYuan with use_cla=true (cross-layer KV sharing) is not supported")
+    params = rope_params(hf)
+    if params.get("rope_type", params.get("type")) == "dynamic" and params.get("alpha"):
+        D = int(hf_get(hf, "head_dim", default=int(hf["hidden_size"]) // int(hf["num_attention_heads"])))
+        theta = rope_theta(hf) * float(params["alpha"]) ** (D / (D - 2))
+        hf = {**hf, "rope_theta": theta, "rope_parameters": None, "rope_scaling": None}
+    inter = int(hf["intermediate_size"])
+    return ModelConfig(
+        **base_fields(hf, family),
+        attn_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="head_rope",  # transformers norms q and k whatever use_qk_norm says
+        num_experts=per_layer_value(hf, "num_experts"),
+        top_k=per_layer_value(hf, "moe_topk"),
+        expert_intermediate=inter,
+        norm_topk_prob=True,
+        shared_expert_intermediate=inter,
+    )
+
+
+def minimax_m2_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """MiniMax-M2: Mixtral's layout with a sigmoid router and a choice-only bias (no groups, no shared expert),
+    q/k RMSNorm over all heads (OLMoE's), RoPE on the leading `rotary_dim` dims of each head."""
+    base = base_fields(hf, family)
+    if 0 in (hf.get("attn_type_list") or []):
+        raise ConversionError("MiniMax with linear-attention layers (attn_type_list 0) is not supported")
+    D = base["head_dim"]
+    partial = rope_params(hf).get("partial_rotary_factor") or hf.get("partial_rotary_factor")
+    rotary = int(D * float(partial)) if partial else int(hf.get("rotary_dim") or D)
+    return ModelConfig(
+        **base,
+        qk_norm="full",
+        rotary_dim=rotary if rotary < D else 0,
+        num_experts=int(hf_get(hf, "num_local_experts", "num_experts")),
+        top_k=int(hf["num_experts_per_tok"]),
+        expert_intermediate=int(hf["intermediate_size"]),
+        norm_topk_prob=True,
+        router_scoring="sigmoid",
+        router_bias=True,
+    )
+
+
+def exaone_layer_types(hf: dict[str, Any]) -> list[str]:
+    """EXAONE's attention per layer: `layer_types`, else `sliding_window_pattern` (every Nth layer global, or
+    a string of L(ocal)/G(lobal) repeated, the last layer global); all global without a window."""
+    n = int(hf["num_hidden_layers"])
+    pattern = hf.get("sliding_window_pattern")
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    if not hf.get("sliding_window") or not pattern:
+        return ["full_attention"] * n
+    if isinstance(pattern, str):
+        types = ["sliding_attention" if pattern[L % len(pattern)] == "L" else "full_attention" for L in range(n)]
+        return types[:-1] + ["full_attention"]
+    return ["sliding_attention" if (L + 1) % int(pattern) else "full_attention" for L in range(n)]
+
+
+def exaone_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """K-EXAONE (ExaoneMoe): per-head q/k norm before RoPE; with a sliding window, local layers slide and use
+    RoPE while global layers attend everywhere without it (NoPE); DeepSeek-V3's router, shared experts and
+    dense layers (mlp_layer_types, else the first first_k_dense_replace)."""
+    types = exaone_layer_types(hf)
+    window = bool(hf.get("sliding_window"))
+    return ModelConfig(
+        **base_fields(hf, family),
+        qk_norm="head",
+        **sliding_fields(hf, types),
+        nope_layers=tuple(L for L, t in enumerate(types) if t != "sliding_attention") if window else (),
+        **v3_moe_fields(hf, first_dense(hf)),
+    )
+
+
+def solar_open_config(hf: dict[str, Any], family: str) -> ModelConfig:
+    """Solar Open: GLM-4.5's MoE (V3 router, shared experts) in every layer under Llama's attention (RoPE on
+    whole heads, no q/k norm)."""
+    if float(rope_params(hf).get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ConversionError("Solar Open with partial_rotary_factor < 1 is not supported (transformers rotates "
+                              "whole heads)")
+    return ModelConfig(
+        **base_fields(hf, family),
+        attn_bias=bool(hf.get("attention_bias", False)),
+        **v3_moe_fields(hf, ()),
+    )
 
 def ernie4_5_moe_config(hf: dict[str, Any], family: str) -> ModelConfig:
     """ERNIE-4.5 MoE: softmax routing with a choice-only per-expert bias (moe_statics), shared experts,

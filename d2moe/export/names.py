@@ -21,9 +21,13 @@ from d2moe.convert.families import FAMILIES, ConversionError, Family, Part, tens
 
 # HF module names that differ between families (the converter accepts several; export writes the one
 # the family's own checkpoints use)
-_ROUTER = {"llama4": "router", "gpt_oss": "router", "granitemoe": "router.layer", "granitemoeshared": "router.layer"}
-_SHARED = {"qwen2_moe": "shared_expert", "llama4": "shared_expert"}
-_CHOICE_BIAS = {"ernie4_5_moe": "mlp.moe_statics.e_score_correction_bias"}
+_ROUTER = {"llama4": "router", "gpt_oss": "router", "granitemoe": "router.layer", "granitemoeshared": "router.layer",
+           "hunyuan_v1_moe": "gate.wg", "granitemoe_swa": "router"}
+_SHARED = {"qwen2_moe": "shared_expert", "llama4": "shared_expert", "hunyuan_v1_moe": "shared_mlp"}
+_SAVES_STACKED = {"granitemoe_swa"}  # experts saved as experts.gate_up_proj / down_proj, not input/output_linear
+_QK_NORMS = {"hunyuan_v1_moe": ("query_layernorm", "key_layernorm")}
+_CHOICE_BIAS = {"ernie4_5_moe": "mlp.moe_statics.e_score_correction_bias",
+                "minimax_m2": "block_sparse_moe.e_score_correction_bias", "exaone_moe": "mlp.e_score_correction_bias"}
 _HF_SHAPE = {("ernie4_5_moe", "mlp.moe_statics.e_score_correction_bias"): (1, -1)}  # stored [1, E]
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
          "kv_b_proj", "q_a_layernorm", "kv_a_layernorm")
@@ -61,9 +65,9 @@ def _candidates(fam: Family, model: ModelConfig) -> Iterator[str]:
     shared = _SHARED.get(fam.name, "shared_experts")
     for L in range(model.num_layers):
         p = f"model.layers.{L}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in ("input_layernorm", "post_attention_layernorm", "post_feedforward_layernorm"):
             yield from (f"{p}{norm}.weight", f"{p}{norm}.bias")
-        for proj in _ATTN:
+        for proj in _QK_NORMS.get(fam.name, ()) + _ATTN:
             yield from (f"{p}self_attn.{proj}.weight", f"{p}self_attn.{proj}.bias")
         yield f"{p}self_attn.sinks"
         if L in model.dense_layers:
@@ -73,10 +77,12 @@ def _candidates(fam: Family, model: ModelConfig) -> Iterator[str]:
         yield p + _CHOICE_BIAS.get(fam.name, f"{mod}.gate.e_score_correction_bias")
         for e in range(model.num_experts):
             yield from (f"{p}{mod}.experts.{e}.{proj}.weight" for proj in fam.expert_matrices.values())
-        # stacked / fused layouts (Granite's saved names before transformers 5's in-memory ones)
-        yield from (f"{p}{mod}.input_linear.weight", f"{p}{mod}.output_linear.weight")
-        yield from (f"{p}{mod}.experts.{n}" for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj",
-                                                       "down_proj_bias"))
+        # stacked / fused layouts (Granite's saved names before transformers 5's in-memory ones, which
+        # GraniteMoeSWA saves)
+        fused = (f"{p}{mod}.input_linear.weight", f"{p}{mod}.output_linear.weight")
+        stacked = tuple(f"{p}{mod}.experts.{n}" for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj",
+                                                            "down_proj_bias"))
+        yield from stacked + fused if fam.name in _SAVES_STACKED else fused + stacked
         yield from (f"{p}shared_mlp.input_linear.weight", f"{p}shared_mlp.output_linear.weight")
         yield from (f"{p}{dense_mod}.{shared}.{proj}.weight" for proj in _FFN)
         yield f"{p}mlp.shared_expert_gate.weight"

@@ -8,7 +8,18 @@ import torch
 
 from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import PREFETCH_MAX_TOKENS, ExpertProvider
-from d2moe.models.layers import KVCache, Linear, Rope, attention, embedding, linear, norm, swiglu
+from d2moe.models.layers import (
+    KVCache,
+    Linear,
+    Rope,
+    attention,
+    block_input,
+    block_output,
+    embedding,
+    linear,
+    norm,
+    swiglu,
+)
 from d2moe.models.mla import mla_attention
 from d2moe.models.moe import WidthRule, chosen_widths, moe_block, one_token_widths, predict_demands, route_layer
 from d2moe.models.names import attention_names, top_names
@@ -78,15 +89,14 @@ class MoEDecoder:
             price if isinstance(price, torch.Tensor) else torch.full((B, T), float(price))).reshape(-1)
         h = self.embed(tokens)
         warm = []  # prefill: (layer, the last token's demands), to warm the cache for the decode that follows
-        scale = cfg.residual_multiplier  # Granite scales each block's output before adding it
         for L in range(cfg.num_layers):
             p = f"layers.{L}."
-            a = self.attention(norm(h, w, p + "attn_norm", cfg), w, p, cfg, self.rope, cache, L)
-            h = h + (a if scale == 1.0 else a * scale)
-            x = norm(h, w, p + "ffn_norm", cfg)
+            a = self.attention(block_input(h, w, p + "attn_norm", cfg), w, p, cfg, self.rope, cache, L)
+            h = h + block_output(a, w, p + "attn_norm", cfg)
+            x = block_input(h, w, p + "ffn_norm", cfg)
             if L in cfg.dense_layers:
                 y = swiglu(x, w[p + "ffn.w1"], w[p + "ffn.w3"], w[p + "ffn.w2"])
-                h = h + (y if scale == 1.0 else y * scale)
+                h = h + block_output(y, w, p + "ffn_norm", cfg)
             else:
                 flat_bits = token_bits.reshape(-1)
                 nxt = self.next_moe.get(L)
@@ -94,7 +104,7 @@ class MoEDecoder:
                         and self.provider.wants_prefetch(nxt, int(flat_bits.max()))):
                     # the next MoE layer's router on this layer's residual stream, normed as that layer will
                     q = f"layers.{nxt}."
-                    guess_x = norm(h, w, q + "ffn_norm", cfg).reshape(B * T, -1)
+                    guess_x = block_input(h, w, q + "ffn_norm", cfg).reshape(B * T, -1)
                     guess = route_layer(guess_x, w, q, cfg)
                     if B * T == 1:  # decode: lists, the rule's fast path
                         idx, weight = guess.idx[0].tolist(), guess.weight[0].tolist()
@@ -114,8 +124,7 @@ class MoEDecoder:
                               price=flat_price, width_hist=self.width_hist)
                 if self.tap is not None:
                     y = self.tap(L, x.reshape(B * T, -1), y)
-                y = y.view(B, T, -1)
-                h = h + (y if scale == 1.0 else y * scale)
+                h = h + block_output(y.view(B, T, -1), w, p + "ffn_norm", cfg)
         if warm:
             self.provider.warm(warm)
         cache.length += T

@@ -48,6 +48,20 @@ def norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, cfg: ModelConfi
     return rms_norm(x, w[name], cfg.rms_norm_eps)
 
 
+def block_input(h: torch.Tensor, w: dict[str, torch.Tensor], name: str, cfg: ModelConfig) -> torch.Tensor:
+    """What a block (attention or FFN) reads from the residual stream h: h normed by `name` (pre-norm), or h
+    itself when the norm sits on the block's output (post_norm: FlexOlmo)."""
+    return h if cfg.post_norm else norm(h, w, name, cfg)
+
+
+def block_output(y: torch.Tensor, w: dict[str, torch.Tensor], name: str, cfg: ModelConfig) -> torch.Tensor:
+    """What a block's output y adds to the residual stream: y normed by `name` (post_norm), or y scaled by
+    the residual multiplier (Granite; 1 elsewhere)."""
+    if cfg.post_norm:
+        y = norm(y, w, name, cfg)
+    return y if cfg.residual_multiplier == 1.0 else y * cfg.residual_multiplier
+
+
 def linear(x: torch.Tensor, w: DenseWeight, b: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ b) in fp32 out, for a float matrix (computed in its dtype) or an `Int8Matrix`.
 
@@ -211,10 +225,11 @@ def causal_mask(T: int, start: int, window: int = 0, always: bool = False, chunk
     return mask
 
 
-def positioned(q: torch.Tensor, k: torch.Tensor, cfg: ModelConfig, rope: Rope, at: int | torch.Tensor,
-               layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def positioned(q: torch.Tensor, k: torch.Tensor, cfg: ModelConfig, rope: Rope, at: int | torch.Tensor, layer: int,
+               w: dict[str, DenseWeight] | None = None, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on q [B,T,nH,D] and k [B,T,nKV,D] at positions `at` (the first, an int; or one per token, a
-    tensor [T]): all dims, or the leading rope_dim (GLM); then Llama 4's weightless q/k norm. Llama 4's NoPE
+    tensor [T]): all dims, or the leading rope_dim (GLM); then Llama 4's weightless q/k norm, or HunYuan's
+    per-head one with weights (`w`'s `prefix`q_norm / k_norm: it normalizes after RoPE). Llama 4's NoPE
     layers skip both and scale q by a temperature growing with the position (arXiv 2501.19399)."""
     if layer in cfg.nope_layers:
         if cfg.temperature_floor:
@@ -232,6 +247,11 @@ def positioned(q: torch.Tensor, k: torch.Tensor, cfg: ModelConfig, rope: Rope, a
     if cfg.qk_norm == "l2":
         q = F.rms_norm(q, (q.shape[-1],), eps=cfg.rms_norm_eps)
         k = F.rms_norm(k, (k.shape[-1],), eps=cfg.rms_norm_eps)
+    elif cfg.qk_norm == "head_rope":
+        if w is None:
+            raise ValueError("qk_norm='head_rope' needs the layer's q_norm / k_norm weights")
+        q = rms_norm(q.contiguous(), w[prefix + "q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k.contiguous(), w[prefix + "k_norm"], cfg.rms_norm_eps)
     return q, k
 
 
@@ -365,7 +385,7 @@ def attention(
         v = qkv[..., (nH + nKV) * D :].view(B, T, nKV, D)
     else:
         q, k, v = qkv_heads(x, w, prefix, cfg)
-        q, k = positioned(q, k, cfg, rope, start, layer)
+        q, k = positioned(q, k, cfg, rope, start, layer, w, prefix)
     cache.k[layer][:, :, start : start + T] = k.transpose(1, 2)
     cache.v[layer][:, :, start : start + T] = v.transpose(1, 2)
     out = attend(q, cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T], w, prefix, cfg, start,

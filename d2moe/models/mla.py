@@ -31,7 +31,7 @@ from d2moe.models.layers import KVCache, Linear, Rope, causal_mask, linear, rms_
 def _query(x: torch.Tensor, w: dict[str, DenseWeight], p: str, cfg: ModelConfig, lin: Linear) -> torch.Tensor:
     """x [..., H] -> q [..., nH*(dn+dr)]: full projection, or low rank with a norm between."""
     if cfg.q_lora_rank:
-        q_a = rms_norm(lin(x, w[p + "wq_a"], w.get(p + "bq_a")), w[p + "q_a_norm"], cfg.rms_norm_eps)
+        q_a = rms_norm(lin(x, w[p + "wq_a"], w.get(p + "bq_a")), w[p + "q_a_norm"], cfg.latent_eps)
         return lin(q_a, w[p + "wq_b"])
     return lin(x, w[p + "wq"])
 
@@ -53,7 +53,7 @@ def mla_rows(x: torch.Tensor, w: dict[str, DenseWeight], prefix: str, cfg: Model
     q = _query(x, w, prefix, cfg, lin).view(B, T, nH, dn + dr)
     q_nope, q_rope = q[..., :dn], rope.rotate_from(q[..., dn:], at)  # [B,T,nH,dn], [B,T,nH,dr]
     kv = lin(x, w[prefix + "wkv_a"], w.get(prefix + "bkv_a"))  # [B, T, r + dr]
-    c_kv = rms_norm(kv[..., :r], w[prefix + "kv_a_norm"], cfg.rms_norm_eps)  # [B, T, r]
+    c_kv = rms_norm(kv[..., :r], w[prefix + "kv_a_norm"], cfg.latent_eps)  # [B, T, r]
     k_rope = rope.rotate_from(kv[..., r:].reshape(B, T, 1, dr), at)  # [B, T, 1, dr]
     return q_nope, q_rope, torch.cat((c_kv, k_rope[:, :, 0]), dim=-1)
 

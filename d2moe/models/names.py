@@ -4,7 +4,7 @@ Shapes (H hidden, I expert intermediate, E experts, V vocab, D head dim):
   embed [V,H]  lm_head [V,H] (absent when tied)  norm [H]
   layers.L.attn_norm [H]  layers.L.ffn_norm [H]
   layers.L.wq [nH*D,H]  wk/wv [nKV*D,H]  wo [H,nH*D]  (bq/bk/bv when attn_bias)
-  layers.L.q_norm / k_norm: [D] (qk_norm=head) or [nH*D]/[nKV*D] (qk_norm=full)
+  layers.L.q_norm / k_norm: [D] (qk_norm=head or head_rope) or [nH*D]/[nKV*D] (qk_norm=full)
   MLA (attention=mla, D = dn + dr, r = kv_lora_rank, rq = q_lora_rank; see models/mla.py):
     layers.L.wq [nH*D,H], or wq_a [rq,H] + q_a_norm [rq] + wq_b [nH*D,rq]
     layers.L.wkv_a [r+dr,H]  kv_a_norm [r]  wkv_b [nH*(dn+dv),r]  wo [H,nH*dv]

@@ -43,12 +43,13 @@ from d2moe.models.dense import KERNEL_MAX_TOKENS, DenseWeight, Int8Matrix
 from d2moe.models.expert_provider import ExpertProvider
 from d2moe.models.layers import (
     attend,
+    block_input,
+    block_output,
     causal_mask,
     decode_attention,
     decode_rows_kernel,
     kv_cache_dims,
     linear,
-    norm,
     positioned,
     qkv_heads,
     swiglu,
@@ -270,7 +271,7 @@ def ragged_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, ro
         if out is not None:
             return plan.linear(out[None], w[prefix + "wo"], w.get(prefix + "bo"))
     q, k, v = qkv_heads(x, w, prefix, cfg, plan.linear)  # [1, N, h, D]
-    q, k = positioned(q, k, cfg, rope, positions, layer)
+    q, k = positioned(q, k, cfg, rope, positions, layer, w, prefix)
     pool.k[layer][slots, :, positions] = k[0]  # [N, nKV, D] into (slot, :, position)
     pool.v[layer][slots, :, positions] = v[0]
 
@@ -350,29 +351,28 @@ def ragged_forward(decoder: MoEDecoder, tokens: torch.Tensor, plan: StepPlan, po
         raise ValueError(f"a sequence exceeds the KV cache ({pool.max_len} positions)")
     attention = ragged_mla_attention if cfg.attention == "mla" else ragged_attention
     h = decoder.embed(tokens[None])  # [1, N, H] fp32
-    scale = cfg.residual_multiplier  # Granite scales each block's output before adding it
     prefetch = decoder.prefetch and plan.decode_rows == N <= PREFETCH_MAX_ROWS
     for L in range(cfg.num_layers):
         p = f"layers.{L}."
-        a = attention(norm(h, w, p + "attn_norm", cfg), w, p, cfg, decoder.rope, pool, L, plan, positions, slots,
-                      padded_attention)
-        h = h + (a if scale == 1.0 else a * scale)
-        x = norm(h, w, p + "ffn_norm", cfg)
+        a = attention(block_input(h, w, p + "attn_norm", cfg), w, p, cfg, decoder.rope, pool, L, plan, positions,
+                      slots, padded_attention)
+        h = h + block_output(a, w, p + "attn_norm", cfg)
+        x = block_input(h, w, p + "ffn_norm", cfg)
         if L in cfg.dense_layers:
             y = swiglu(x, w[p + "ffn.w1"], w[p + "ffn.w3"], w[p + "ffn.w2"], plan.linear)
-            h = h + (y if scale == 1.0 else y * scale)
+            h = h + block_output(y, w, p + "ffn_norm", cfg)
             continue
         nxt = decoder.next_moe.get(L)
         if prefetch and nxt is not None and decoder.provider.wants_prefetch(nxt, int(token_bits.max())):
             # I/O only (never changes a result): the next MoE layer's router on this residual stream
             q = f"layers.{nxt}."
-            guess_x = norm(h, w, q + "ffn_norm", cfg)[0]
+            guess_x = block_input(h, w, q + "ffn_norm", cfg)[0]
             guess = route_layer(guess_x, w, q, cfg)
             bits_tk = chosen_widths(nxt, guess_x, guess, token_bits, price, decoder.widths)
             decoder.provider.prefetch(nxt, predict_demands(guess, bits_tk))
         y = ragged_moe(x[0], w, p, L, cfg, decoder.provider, plan, token_bits, price, decoder.widths,
                        decoder.width_hist, row_hist)[None]
-        h = h + (y if scale == 1.0 else y * scale)
+        h = h + block_output(y, w, p + "ffn_norm", cfg)
     for s in plan.segments:
         pool.lengths[s.slot] = s.start + s.length
     sel = torch.cat([torch.arange(a, e) for a, e in logit_rows]) if logit_rows else torch.zeros(0, dtype=torch.long)

@@ -127,6 +127,30 @@ def test_granite_structure(tmp_path, shared):
     _compare(tmp_path)
 
 
+
+def test_granitemoe_swa_structure(tmp_path):
+    """GraniteMoeSWA at granite-3.0-3b-a800m's proportions (hidden 1536 -> 192): 40 experts, top-8, GQA 3:1,
+    a shared expert, its four multipliers, sinks, the default layer types (every 4th layer full, the rest
+    sliding with a window shorter than the prompt) and the full layers without RoPE (layer_rope_theta 0)."""
+    import transformers as tf
+
+    torch.manual_seed(15)
+    cfg = tf.GraniteMoeSWAConfig(
+        vocab_size=256, hidden_size=192, intermediate_size=64, num_hidden_layers=5, num_attention_heads=6,
+        num_key_value_heads=2, num_local_experts=40, num_experts_per_tok=8, shared_intermediate_size=256,
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=6.0,
+        sliding_window=16, layer_rope_theta=[0, 10000.0, 10000.0, 10000.0, 0], max_position_embeddings=256,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    )
+    model = tf.GraniteMoeSWAForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.shared_expert_intermediate, m.attention_sinks) == (40, 8, 256, True)
+    assert (m.sliding_layers, m.nope_layers, m.sliding_window) == ((1, 2, 3), (0, 4), 16)
+    _compare(tmp_path)
+
 def test_phimoe_structure(tmp_path):
     """Phi-3.5-MoE scaled from hidden 4096: 16 experts, top-2 by sparsemixer, GQA 4:1, LayerNorms, q/k/v/o and
     head biases, LongRoPE with per-frequency short factors and mscale, sliding window = context."""
@@ -206,6 +230,171 @@ def test_ernie4_5_moe_structure(tmp_path):
         64, 6, (0,), 128, True)
     _compare(tmp_path)
 
+
+
+def test_dots1_structure(tmp_path):
+    """dots.llm1 scaled from hidden 4096: 128 routed -> 64 experts, top-6, 2 shared, first layer dense,
+    multi-head attention with per-head q/k norm, sigmoid router with choice bias and routed scaling 2.5,
+    max_window_layers = all layers (no layer slides), hub config keys (rope_theta)."""
+    import transformers as tf
+
+    torch.manual_seed(8)
+    cfg = tf.Dots1Config(
+        vocab_size=256, hidden_size=128, num_attention_heads=8, num_key_value_heads=8, head_dim=16,
+        intermediate_size=352, moe_intermediate_size=48, num_hidden_layers=3, n_routed_experts=64,
+        num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=True,
+        routed_scaling_factor=2.5, max_window_layers=62, max_position_embeddings=256,
+        rope_parameters=dict(rope_type="default", rope_theta=10000000.0),
+    )
+    model = tf.Dots1ForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.dense_layers, m.shared_expert_intermediate, m.qk_norm, m.sliding_layers) == (
+        64, 6, (0,), 96, "head", ())
+    _compare(tmp_path)
+
+
+def test_hunyuan_moe_structure(tmp_path):
+    """Hunyuan-A13B scaled from hidden 4096: 64 experts, top-8 (given per layer, as the hub config does), a
+    shared MLP as wide as each expert, GQA 4:1, q/k norms after RoPE, NTK-alpha RoPE (alpha 1000) written as
+    the hub's rope_scaling type "dynamic"."""
+    import transformers as tf
+
+    torch.manual_seed(9)
+    cfg = tf.HunYuanMoEV1Config(
+        vocab_size=256, hidden_size=128, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+        intermediate_size=96, num_hidden_layers=3, num_experts=64, moe_topk=[8, 8, 8], max_position_embeddings=256,
+        rope_parameters=dict(rope_type="dynamic", alpha=1000.0, factor=1.0, rope_theta=10000.0),
+    )
+    model = tf.HunYuanMoEV1ForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path, use_cla=False, use_qk_norm=True, num_shared_expert=[1, 1, 1])
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.shared_expert_intermediate, m.qk_norm, m.rope_scaling) == (
+        64, 8, 96, "head_rope", None)
+    assert m.rope_theta == pytest.approx(10000.0 * 1000.0 ** (16 / 14))
+    _compare(tmp_path)
+
+
+def test_minimax_m2_structure(tmp_path):
+    """MiniMax-M2 scaled from hidden 3072: 256 -> 64 experts, top-8, GQA 6:1 with heads x head_dim > hidden,
+    q/k norms over all heads, RoPE on 64 of 128 dims (the hub config's rotary_dim, no partial_rotary_factor),
+    sigmoid router with choice bias, its hub keys (attn_type_list, scoring_func, use_routing_bias)."""
+    import transformers as tf
+
+    torch.manual_seed(10)
+    cfg = tf.MiniMaxM2Config(
+        vocab_size=256, hidden_size=128, num_attention_heads=12, num_key_value_heads=2, head_dim=16, rotary_dim=8,
+        intermediate_size=64, num_hidden_layers=3, num_local_experts=64, num_experts_per_tok=8,
+        max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+    )
+    model = tf.MiniMaxM2ForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path, attn_type_list=[1, 1, 1], use_qk_norm=True, qk_norm_type="per_layer",
+               scoring_func="sigmoid", use_routing_bias=True)
+    assert "partial_rotary_factor" not in json.loads((tmp_path / "config.json").read_text())
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.rope_dim, m.qk_norm, m.router_scoring, m.router_bias) == (
+        64, 8, 8, "full", "sigmoid", True)
+    _compare(tmp_path)
+
+
+def test_glm4_moe_lite_structure(tmp_path):
+    """GLM-4.7-Flash scaled from hidden 2048: MLA with q LoRA (its rank ratios: q 12x, kv latent 8x the rotary
+    dims; nope 3x, value 4x), 64 experts, top-4, 1 shared, first layer dense by default (the hub config has no
+    mlp_layer_types), routed scaling 1.8, rms_norm_eps 1e-5 beside the latent norms' 1e-6."""
+    import transformers as tf
+
+    torch.manual_seed(11)
+    cfg = tf.Glm4MoeLiteConfig(
+        vocab_size=256, hidden_size=128, num_attention_heads=4, num_key_value_heads=4, intermediate_size=640,
+        moe_intermediate_size=96, num_hidden_layers=3, n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=4,
+        routed_scaling_factor=1.8, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=24, qk_rope_head_dim=8,
+        v_head_dim=32, max_position_embeddings=256, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    )
+    model = tf.Glm4MoeLiteForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    hub = json.loads((tmp_path / "config.json").read_text())
+    del hub["mlp_layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    m = open_source(tmp_path).model
+    assert (m.attention, m.q_lora_rank, m.head_dim, m.value_dim, m.dense_layers, m.latent_eps) == (
+        "mla", 96, 32, 32, (0,), 1e-6)
+    assert (m.num_experts, m.top_k, m.shared_expert_intermediate, m.rms_norm_eps) == (64, 4, 96, 1e-5)
+    _compare(tmp_path)
+
+
+def test_flex_olmo_structure(tmp_path):
+    """FlexOlmo-7x7B scaled from hidden 4096: 7 experts, top-5 (unnormalised softmax weights), multi-head
+    attention with q/k norms over all heads, post-norm blocks (no input norms), RoPE theta 5e5."""
+    import transformers as tf
+
+    torch.manual_seed(12)
+    cfg = tf.FlexOlmoConfig(
+        vocab_size=256, hidden_size=128, num_attention_heads=8, num_key_value_heads=8, intermediate_size=344,
+        num_hidden_layers=3, num_experts=7, num_experts_per_tok=5, max_position_embeddings=256, pad_token_id=0,
+        eos_token_id=1, rope_parameters=dict(rope_type="default", rope_theta=500000.0),
+    )
+    model = tf.FlexOlmoForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.norm_topk_prob, m.qk_norm, m.post_norm) == (7, 5, False, "full", True)
+    _compare(tmp_path)
+
+
+def test_exaone_moe_structure(tmp_path):
+    """K-EXAONE-like proportions at hidden 128: 64 experts, top-8, 1 shared, first layer dense, GQA 8:1, three
+    local (sliding, RoPE) layers then a global (NoPE) one, window shorter than the prompt, routed scaling 2.5;
+    the hub config gives sliding_window_pattern without layer_types."""
+    import transformers as tf
+
+    torch.manual_seed(13)
+    cfg = tf.ExaoneMoeConfig(
+        vocab_size=256, hidden_size=128, num_attention_heads=16, num_key_value_heads=2, head_dim=16,
+        intermediate_size=384, moe_intermediate_size=32, num_hidden_layers=5, num_experts=64, num_experts_per_tok=8,
+        num_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, sliding_window=8,
+        sliding_window_pattern=4, max_position_embeddings=256,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    )
+    model = tf.ExaoneMoeForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    hub = json.loads((tmp_path / "config.json").read_text())
+    del hub["layer_types"], hub["mlp_layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.dense_layers, m.shared_expert_intermediate) == (64, 8, (0,), 32)
+    assert (m.sliding_layers, m.nope_layers, m.sliding_window, m.qk_norm) == ((0, 1, 2, 4), (3,), 8, "head")
+    _compare(tmp_path)
+
+
+def test_solar_open_structure(tmp_path):
+    """Solar Open 100B scaled from hidden 4096: 128 routed -> 64 experts, top-8, 1 shared, every layer MoE,
+    GQA 8:1 with heads x head_dim = 2 x hidden, RoPE theta 1e6 on whole heads."""
+    import transformers as tf
+
+    torch.manual_seed(14)
+    cfg = tf.SolarOpenConfig(
+        vocab_size=256, hidden_size=128, num_attention_heads=16, num_key_value_heads=2, head_dim=16,
+        moe_intermediate_size=40, num_hidden_layers=3, n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=8,
+        max_position_embeddings=256, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    )
+    model = tf.SolarOpenForCausalLM(cfg).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    _hub_style(tmp_path)
+    m = open_source(tmp_path).model
+    assert (m.num_experts, m.top_k, m.dense_layers, m.shared_expert_intermediate, m.rope_dim) == (64, 8, (), 40, 16)
+    _compare(tmp_path)
 
 def _to_mxfp4_checkpoint(path) -> None:
     """Rewrite a transformers-saved GPT-OSS as the released checkpoints are: experts as MXFP4 blocks of W

@@ -1,7 +1,8 @@
 """Reference parity against transformers on tiny random checkpoints of every supported family.
 
 Measured (fp32 reference decoder against transformers, 24 tokens): max |logit diff| 2e-7 .. 5e-6 for every
-family; mean next-token KL of the 8-bit store 1e-6 .. 5e-4 (tests/tiny_hf.py builds the models)."""
+family; mean next-token KL of the 8-bit store 1e-6 .. 5e-4, 1e-3 for FlexOlmo and K-EXAONE, whose prompt has one
+near-tie routing position (median position 3e-5; tests/tiny_hf.py builds the models)."""
 
 from __future__ import annotations
 

@@ -78,3 +78,26 @@ def test_mxfp4_by_hand_and_round_trip():
     values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]).repeat(8).reshape(2, 32) * 0.25
     b, s = quantize_mxfp4(values)
     assert torch.equal(dequantize_mxfp4(b.reshape(2, 1, 16), s), values)
+
+
+def test_exaone_layer_types_from_a_pattern():
+    """K-EXAONE: an L/G string repeats from layer 0 and the last layer is global whatever it says; an int N
+    makes every Nth layer global; without a window every layer is global (and keeps RoPE)."""
+    from d2moe.convert.family_configs import exaone_layer_types
+
+    L, G = "sliding_attention", "full_attention"
+    assert exaone_layer_types({"num_hidden_layers": 6, "sliding_window": 128, "sliding_window_pattern": "LLLG"}) == [
+        L, L, L, G, L, G]
+    assert exaone_layer_types({"num_hidden_layers": 4, "sliding_window": 128, "sliding_window_pattern": 2}) == [
+        L, G, L, G]
+    assert exaone_layer_types({"num_hidden_layers": 2, "sliding_window": None, "sliding_window_pattern": 4}) == [G, G]
+
+
+def test_hunyuan_per_layer_values_must_agree():
+    import pytest
+
+    from d2moe.convert.family_configs import ConversionError, per_layer_value
+
+    assert per_layer_value({"moe_topk": [8, 8]}, "moe_topk") == 8
+    with pytest.raises(ConversionError, match="moe_topk differs between layers"):
+        per_layer_value({"moe_topk": [8, 4]}, "moe_topk")
