@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         rates = p.prediction_hit_rate()
         res["prediction_hit_rate"] = sum(rates.values()) / len(rates) if rates else None
         res["prediction_hit_rate_per_layer"] = rates
+        res["prediction_rank_hits"] = {str(k): v for k, v in sorted(p.rank_hits.items())}  # rank -> [right, guesses]
         res["widths_computed"] = dict(sorted(p.widths.items()))
         done = sum(p.widths.values())
         res["avg_bits_computed"] = sum(b * n for b, n in p.widths.items()) / done if done else None
