@@ -4,7 +4,8 @@ Reads use O_DIRECT (no page cache: a memory cgroup counts page cache, so buffere
 than the budget would thrash it) into the arena's page-aligned slots; every slice of a v2 store is a
 4 KiB-aligned, 4 KiB-sized unit. Where O_DIRECT is refused (tmpfs, some filesystems) the loader falls back
 to buffered reads followed by posix_fadvise(DONTNEED), and says so in `mode`. Each request is a Future;
-CRC checks run on the loader thread, off the compute thread (zlib releases the GIL, as does preadv).
+CRC checks run on the loader thread, off the compute thread (storage/checksum.py; it releases the GIL,
+as does preadv).
 A short read, a checksum mismatch or an OS error fails that Future with a StoreError naming the expert;
 nothing waits forever. The queue is a heap: the compute thread can raise a queued request's priority
 (a prefetch that became a demand).
@@ -17,12 +18,12 @@ import itertools
 import os
 import threading
 import time
-import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
+from d2moe.storage.checksum import crc32
 from d2moe.storage.format import StoreError
 
 DIRECT_ALIGN = 4096
@@ -213,7 +214,7 @@ class SliceLoader:
         if n < r.nbytes:
             raise StoreError(f"{what}: short read ({n} of {r.nbytes} bytes); the file is truncated")
         for bits, view, crc in zip(range(r.first_bits, r.last_bits + 1), views, r.crcs):
-            if zlib.crc32(view) != crc:
+            if crc32(view) != crc:
                 raise StoreError(
                     f"{self.path}: expert {r.expert} of layer {r.layer}, bit slice {bits}: checksum mismatch; "
                     "the store is corrupted, re-run `d2moe convert`"

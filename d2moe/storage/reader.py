@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from d2moe.storage.checksum import crc32
 from d2moe.storage.format import (
     EXPERTS_FILE,
     INDEX_FILE,
@@ -128,7 +128,7 @@ class StoreReader:
             )
         for b in range(max(have_bits + 1, self.min_bits), bits + 1):
             s0, s1 = self.slice_range(layer, expert, b)
-            if zlib.crc32(view[s0 - start : s1 - start]) != e.checksums[b - self.min_bits]:
+            if crc32(view[s0 - start : s1 - start]) != e.checksums[b - self.min_bits]:
                 raise StoreError(
                     f"{self.experts_path}: checksum mismatch in expert {expert} of layer {layer} "
                     f"(bit slice {b}); the store is corrupted, re-run `d2moe convert`"

@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 import tempfile
-import zlib
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from d2moe.storage.checksum import crc32
 from d2moe.storage.format import (
     BLOB_ALIGNMENT,
     CONFIG_FILE,
@@ -78,7 +78,7 @@ class StoreWriter:
         view = memoryview(blob)
         prefix, checksums, pos = [], [], 0
         for n in slice_bytes:
-            checksums.append(zlib.crc32(view[pos : pos + n]))
+            checksums.append(crc32(view[pos : pos + n]))
             pos += n
             prefix.append(pos)
         self._experts.write(blob)
