@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 from d2moe.config import EngineConfig, ModelConfig
 from d2moe.cache.expert_cache import BudgetError
+from d2moe.models.kv_window import cache_len
 from d2moe.models.layers import kv_cache_dims
 from d2moe.quant.kernels.cpu import DECODE_BLOCK, SMALL_T
 from d2moe.quant.pack import ExpertLayout
@@ -24,9 +25,11 @@ F32 = 4
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
-    """fp32 keys and values of every layer for `context` positions (MLA: its latent, layers.kv_cache_dims)."""
+    """fp32 keys and values of every layer for `context` positions (MLA: its latent, layers.kv_cache_dims;
+    a sliding or chunked layer at most its span, models/kv_window.py)."""
     heads, k_dim, v_dim = kv_cache_dims(cfg)
-    return cfg.num_layers * batch * heads * context * (k_dim + v_dim) * F32
+    positions = sum(cache_len(cfg, L, context) for L in range(cfg.num_layers))
+    return batch * heads * positions * (k_dim + v_dim) * F32
 
 
 def scratch_bytes(cfg: ModelConfig, step_tokens: int, context: int, full_logits: bool) -> int:

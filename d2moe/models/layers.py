@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from d2moe.config import ModelConfig, RopeScaling
 from d2moe.models.dense import DenseWeight, Int8Matrix, float16_linear, int8_embedding, int8_linear
+from d2moe.models.kv_window import cache_len, is_ring, ring_write, window_keys
 from d2moe.quant.kernels.cpu import load_kernel
 
 
@@ -195,12 +196,14 @@ def kv_cache_dims(cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 class KVCache:
-    """Static per-layer key/value buffers for one batch of sequences."""
+    """Static per-layer key/value buffers for one batch of sequences; a sliding or chunked layer keeps only
+    its span, as a ring (models/kv_window.py)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
         heads, k_dim, v_dim = kv_cache_dims(cfg)
-        self.k = [torch.zeros((batch, heads, max_len, k_dim), dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros((batch, heads, max_len, v_dim), dtype=dtype) for _ in range(cfg.num_layers)]
+        lens = [cache_len(cfg, L, max_len) for L in range(cfg.num_layers)]
+        self.k = [torch.zeros((batch, heads, n, k_dim), dtype=dtype) for n in lens]
+        self.v = [torch.zeros((batch, heads, n, v_dim), dtype=dtype) for n in lens]
         self.max_len = max_len
         self.length = 0  # positions filled (advanced by the decoder after all layers ran)
 
@@ -208,15 +211,17 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-def causal_mask(T: int, start: int, window: int = 0, always: bool = False, chunk: int = 0) -> torch.Tensor | None:
-    """[T, start+T] bool, True = attend: causal over the T new tokens, full view of the cached prefix; with
+def causal_mask(T: int, start: int, window: int = 0, always: bool = False, chunk: int = 0,
+                key_pos: torch.Tensor | None = None) -> torch.Tensor | None:
+    """[T, S] bool, True = attend: causal over the T new tokens, full view of the cached prefix; with
     a sliding `window` only the last `window` positions up to each query's own; with `chunk` only the
-    positions of the query's chunk (Llama 4). None when that is everything (one token, unless `always`)."""
+    positions of the query's chunk (Llama 4). Keys are positions 0..start+T-1, or `key_pos` [S] (a ring's,
+    kv_window.py). None when that is everything (one token over the plain layout, unless `always`)."""
     S = start + T
-    if T == 1 and not always and (window == 0 or S <= window) and (chunk == 0 or S <= chunk):
+    if key_pos is None and T == 1 and not always and (window == 0 or S <= window) and (chunk == 0 or S <= chunk):
         return None
     query = torch.arange(start, S)[:, None]  # absolute positions
-    key = torch.arange(S)[None, :]
+    key = (torch.arange(S) if key_pos is None else key_pos)[None, :]
     mask = key <= query
     if window:
         mask = mask & (key > query - window)
@@ -298,19 +303,20 @@ def qkv_heads(
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, w: dict[str, DenseWeight], prefix: str,
-           cfg: ModelConfig, start: int, layer: int) -> torch.Tensor:
+           cfg: ModelConfig, start: int, layer: int, key_pos: torch.Tensor | None = None) -> torch.Tensor:
     """The per-sequence core of attention, after the new keys and values are cached: q [B,T,nH,D] (the
-    tokens at positions start.., positioned) against keys/values [B,nKV,start+T,D] with the layer's mask
-    (causal; sliding window or chunk) and softmax (SDPA, or with sinks) -> [B,T,nH*D]. The single-request
-    decoder calls it on its batch, a batched step once per sequence (models/ragged.py)."""
+    tokens at positions start.., positioned) against keys/values [B,nKV,start+T,D] (or [B,nKV,S,D] at
+    positions `key_pos`: a ring's, kv_window.py) with the layer's mask (causal; sliding window or chunk) and
+    softmax (SDPA, or with sinks) -> [B,T,nH*D]. The single-request decoder calls it on its batch, a batched
+    step once per sequence (models/ragged.py)."""
     B, T, nH, _ = q.shape
     window = cfg.sliding_window if layer in cfg.sliding_layers else 0
     chunk = cfg.attention_chunk if layer in cfg.chunked_layers else 0
     if cfg.attention_sinks:
         out = attend_with_sinks(q.transpose(1, 2), keys, values, w[prefix + "sinks"], cfg.attn_scale,
-                                causal_mask(T, start, window, always=True, chunk=chunk))
+                                causal_mask(T, start, window, always=True, chunk=chunk, key_pos=key_pos))
     else:
-        mask = causal_mask(T, start, window, chunk=chunk)
+        mask = causal_mask(T, start, window, chunk=chunk, key_pos=key_pos)
         if T == 1 and mask is None and (out := _decode_kernel(q, keys, values, cfg)) is not None:
             return out
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
@@ -386,8 +392,14 @@ def attention(
     else:
         q, k, v = qkv_heads(x, w, prefix, cfg)
         q, k = positioned(q, k, cfg, rope, start, layer, w, prefix)
-    cache.k[layer][:, :, start : start + T] = k.transpose(1, 2)
-    cache.v[layer][:, :, start : start + T] = v.transpose(1, 2)
+    k_new, v_new = k.transpose(1, 2), v.transpose(1, 2)  # [B, nKV, T, D]
+    if is_ring(cache.k[layer], cache.max_len):  # a sliding/chunked layer's span: read, attend, then write
+        keys, values, key_pos = window_keys(cache.k[layer], cache.v[layer], slice(None), start, k_new, v_new)
+        ring_write(cache.k[layer], cache.v[layer], slice(None), start, k_new, v_new)
+        out = attend(q, keys, values, w, prefix, cfg, start, layer, key_pos)
+        return linear(out, w[prefix + "wo"], w.get(prefix + "bo"))
+    cache.k[layer][:, :, start : start + T] = k_new
+    cache.v[layer][:, :, start : start + T] = v_new
     out = attend(q, cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T], w, prefix, cfg, start,
                  layer)
     return linear(out, w[prefix + "wo"], w.get(prefix + "bo"))

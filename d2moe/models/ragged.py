@@ -41,6 +41,7 @@ from d2moe.config import ModelConfig
 from d2moe.models.decoder import MoEDecoder
 from d2moe.models.dense import KERNEL_MAX_TOKENS, DenseWeight, Int8Matrix
 from d2moe.models.expert_provider import ExpertProvider
+from d2moe.models.kv_window import cache_len, is_ring, ring_write, window_keys
 from d2moe.models.layers import (
     attend,
     block_input,
@@ -154,8 +155,9 @@ class KVPool:
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, dtype: torch.dtype = torch.float32) -> None:
         heads, k_dim, v_dim = kv_cache_dims(cfg)
-        self.k = [torch.zeros((slots, heads, max_len, k_dim), dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros((slots, heads, max_len, v_dim), dtype=dtype) for _ in range(cfg.num_layers)]
+        lens = [cache_len(cfg, L, max_len) for L in range(cfg.num_layers)]  # sliding/chunked: a ring of its span
+        self.k = [torch.zeros((slots, heads, n, k_dim), dtype=dtype) for n in lens]
+        self.v = [torch.zeros((slots, heads, n, v_dim), dtype=dtype) for n in lens]
         self.slots, self.max_len = slots, max_len
         self.lengths = [0] * slots
         self._free = list(range(slots - 1, -1, -1))
@@ -163,7 +165,8 @@ class KVPool:
     @staticmethod
     def nbytes_for(cfg: ModelConfig, slots: int, max_len: int) -> int:
         heads, k_dim, v_dim = kv_cache_dims(cfg)
-        return cfg.num_layers * slots * heads * max_len * (k_dim + v_dim) * 4
+        positions = sum(cache_len(cfg, L, max_len) for L in range(cfg.num_layers))
+        return slots * heads * positions * (k_dim + v_dim) * 4
 
     @property
     def free_slots(self) -> int:
@@ -272,6 +275,9 @@ def ragged_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, ro
             return plan.linear(out[None], w[prefix + "wo"], w.get(prefix + "bo"))
     q, k, v = qkv_heads(x, w, prefix, cfg, plan.linear)  # [1, N, h, D]
     q, k = positioned(q, k, cfg, rope, positions, layer, w, prefix)
+    if is_ring(pool.k[layer], pool.max_len):
+        out = _ring_attention(q[0], k[0], v[0], w, prefix, cfg, pool, layer, plan)
+        return plan.linear(out[None], w[prefix + "wo"], w.get(prefix + "bo"))
     pool.k[layer][slots, :, positions] = k[0]  # [N, nKV, D] into (slot, :, position)
     pool.v[layer][slots, :, positions] = v[0]
 
@@ -287,6 +293,20 @@ def ragged_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, ro
     if out is None:
         out = attend_per_sequence(q[0], pool, layer, plan, core=core)
     return plan.linear(out[None], w[prefix + "wo"], w.get(prefix + "bo"))
+
+
+def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig,
+                    pool: KVPool, layer: int, plan: StepPlan) -> torch.Tensor:
+    """A sliding/chunked layer's ring (models/kv_window.py), per sequence as alone: its previous positions
+    and its new keys, attend, then write. q [N, nH, D], k/v [N, nKV, D] -> [N, nH*D]."""
+    outs = []
+    for s in plan.segments:
+        rows, one = slice(s.row, s.row + s.length), slice(s.slot, s.slot + 1)
+        k_new, v_new = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]  # [1, nKV, T, D]
+        keys, values, key_pos = window_keys(pool.k[layer], pool.v[layer], one, s.start, k_new, v_new)
+        outs.append(attend(q[None, rows], keys, values, w, prefix, cfg, s.start, layer, key_pos)[0])
+        ring_write(pool.k[layer], pool.v[layer], one, s.start, k_new, v_new)
+    return torch.cat(outs)
 
 
 def ragged_mla_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig, rope, pool: KVPool, layer: int,
