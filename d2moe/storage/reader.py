@@ -121,6 +121,9 @@ class StoreReader:
             return
         view = memoryview(out.numpy()).cast("B")[start:end]
         n = os.preadv(self._fd, [view], e.offset + start)
+        # the bytes now live in `out`: keep no second copy in the page cache, which a memory cgroup charges to
+        # this process (the lru policy re-reads experts every few tokens and thrashed at its limit)
+        os.posix_fadvise(self._fd, e.offset + start, end - start, os.POSIX_FADV_DONTNEED)
         if n != end - start:
             raise StoreError(
                 f"{self.experts_path}: short read for expert {expert} of layer {layer} "
