@@ -71,6 +71,7 @@ class PlaneCache:
         self.stats = PlaneCacheStats()
         self._grid = np.meshgrid(np.arange(num_layers), np.arange(num_experts), indexing="ij")
         self._top: np.ndarray | None = None  # eviction score of every expert's top slice; None: stale
+        self._whole = [False] * num_layers  # roomy only: every expert of the layer resident at max_bits, for good
 
     # --- queries ------------------------------------------------------------------------------------
     @property
@@ -92,8 +93,14 @@ class PlaneCache:
         self.ready[layer, expert] = w
 
     def layer_resident(self, layer: int, bits: int) -> bool:
-        """Every expert of `layer` is usable at `bits` (nothing to prefetch there)."""
-        return bool((self.ready[layer] >= bits).all())
+        """Every expert of `layer` is usable at `bits` (nothing to prefetch there). A roomy cache never
+        evicts, so a layer found whole stays whole: remembered, not re-checked every step."""
+        if self._whole[layer]:
+            return True
+        whole = bool((self.ready[layer] >= bits).all())
+        if whole and self.roomy and bits == self.max_bits:
+            self._whole[layer] = True
+        return whole
 
     def held_bits(self, layer: int, expert: int) -> int:
         """Top slice reserved, ready or in flight."""
@@ -113,9 +120,12 @@ class PlaneCache:
 
     # --- usage --------------------------------------------------------------------------------------
     def visit(self, layer: int, needed_bits: dict[int, int]) -> None:
-        """A layer starts: record which experts it needs and up to which width (updates usage and clock)."""
+        """A layer starts: record which experts it needs and up to which width (updates usage and clock).
+        A roomy cache whose layer is whole skips the usage scores: nothing will ever be evicted by them."""
         self.clock += 1
         self.current = layer
+        if self._whole[layer]:
+            return
         self._top = None
         self.expected[layer] = False
         need = np.zeros((self.E, self.max_bits - NONE), dtype=bool)
@@ -229,6 +239,7 @@ class PlaneCache:
         self._held_changed(layer, expert)
         self.done[layer, expert] &= ~(1 << bits)
         self.ready[layer, expert] = min(self.ready[layer, expert], bits - 1)
+        self._whole[layer] = False  # (matryoshka-free's drop, or a failed read: even a roomy cache loses one)
         per = self._bound.get((layer, expert))
         if per:
             for b in [b for b in per if b >= bits]:
@@ -340,4 +351,5 @@ class PlaneCache:
                 assert self.done[layer, expert] >> (h + 1) == 0
                 r = int(self.ready[layer, expert])
                 assert r <= h and all(self.is_ready(layer, expert, b) for b in range(MIN_BITS, r + 1))
+                assert not self._whole[layer] or r == self.max_bits  # a remembered whole layer is whole
                 assert r == self.max_bits or not self.is_ready(layer, expert, r + 1)

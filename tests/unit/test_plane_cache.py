@@ -18,7 +18,7 @@ BASE_BYTES, PLANE_BYTES = 3 * PAGE, PAGE
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["reserve", "complete", "pin", "unpin", "visit", "abandon", "prefetch"]),
+        st.sampled_from(["reserve", "complete", "pin", "unpin", "visit", "abandon", "prefetch", "whole", "drop"]),
         st.integers(0, LAYERS - 1),
         st.integers(0, EXPERTS - 1),
         st.integers(2, MAX_BITS),
@@ -32,7 +32,8 @@ def _snapshot(c: PlaneCache, layer: int, expert: int) -> dict:
 
 
 @settings(max_examples=150, deadline=None)
-@given(budget_pages=st.integers(3, 24), seq=ops, policy=st.sampled_from(["d2moe", "lru"]))
+@given(budget_pages=st.one_of(st.integers(3, 24), st.integers(84, 90)), seq=ops,  # 84+: roomy, never evicts
+       policy=st.sampled_from(["d2moe", "lru"]))
 def test_random_operations_keep_invariants(budget_pages, seq, policy):
     c = PlaneCache(budget_pages * PAGE, LAYERS, EXPERTS, MAX_BITS, BASE_BYTES, PLANE_BYTES, CachePolicy(policy))
     pending: set[tuple[int, int, int]] = set()
@@ -57,6 +58,13 @@ def test_random_operations_keep_invariants(budget_pages, seq, policy):
             pins[(layer, expert)] -= 1
         elif op == "visit":
             c.visit(layer, {expert: bits})
+        elif op == "whole":
+            whole = c.layer_resident(layer, bits)
+            assert whole == all(c.resident_bits(layer, e) >= bits for e in range(EXPERTS))
+        elif op == "drop" and not pins.get((layer, expert)) and not any(k[:2] == (layer, expert) for k in pending):
+            c.drop(layer, expert)  # matryoshka-free's: even a roomy cache can lose an expert
+            c.check()
+            continue  # it removes slices on purpose: the checks below are about eviction
         elif op == "abandon":
             mine = sorted(k for k in pending if k[:2] == (layer, expert))
             if mine and mine[-1][2] == c.held_bits(layer, expert):  # the top pending read failed
@@ -134,3 +142,18 @@ def test_policy_functions():
     assert list(p) == [0.5, 0.0, 0.5]
     with pytest.raises(ValueError):
         CachePolicy("fifo")
+
+
+def test_a_roomy_cache_remembers_whole_layers_until_one_loses_an_expert():
+    c = PlaneCache(84 * PAGE, LAYERS, EXPERTS, MAX_BITS, BASE_BYTES, PLANE_BYTES)
+    assert c.roomy
+    for e in range(EXPERTS):
+        for b in range(2, MAX_BITS + 1):
+            c.reserve(0, e, b)
+            assert not c.layer_resident(0, MAX_BITS)
+            c.complete(0, e, b)
+    assert c.layer_resident(0, MAX_BITS) and c._whole[0] and not c._whole[1]
+    c.visit(0, {1: MAX_BITS})  # a whole layer's visit keeps no usage scores (nothing will be evicted)
+    c.drop(0, 1)
+    assert not c._whole[0] and not c.layer_resident(0, MAX_BITS) and c.layer_resident(0, NONE)
+    c.check()
