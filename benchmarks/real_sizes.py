@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         e, d = info["expert_bytes"], info["dense_bytes"]
         rows.append(f"| {name} | {info['family']} | {gb(info['parameters'])} / {gb(info['active_parameters'])} | "
                     f"{info['experts']} x {info['moe_layers']}, top-{info['top_k']} | "
-                    + " / ".join(gb(e[b]) for b in ("2", "3", "4", "8")) + f" | {gb(d['bfloat16'])} / {gb(d['int8'])} | "
+                    + " / ".join(gb(e[b]) for b in ("2", "3", "4", "8"))
+                    + f" | {gb(d['bfloat16'])} / {gb(d['int8'])} | "
                     f"{gb(info['min_memory_budget']['int8'])} |")
     print("| checkpoint | family | params B (total / active) | routed experts | expert GB at 2 / 3 / 4 / 8 bits "
           f"| dense GB (bf16 / int8) | min budget GB (int8 dense, {args.context} ctx) |")

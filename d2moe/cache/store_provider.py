@@ -14,7 +14,7 @@ import torch
 from d2moe.cache.expert_cache import BudgetError, Entry, ExpertCache
 from d2moe.models.expert_provider import Demand, ExpertFn, ReadyBatch
 from d2moe.quant.kernels import BoundExpert, load_kernel
-from d2moe.quant.pack import ExpertLayout, unpack_expert
+from d2moe.quant.pack import unpack_expert
 from d2moe.storage.reader import StoreReader
 
 

@@ -126,7 +126,8 @@ def format_checkpoint_info(info: dict[str, Any]) -> str:
         ("parameters", f"{b(info['parameters'])} ({b(info['routed_expert_parameters'])} in routed experts, "
                        f"{b(info['active_parameters'])} active per token)"),
         ("layers", f"{info['layers']} ({info['moe_layers']} MoE)"),
-        ("experts", f"{info['experts']} per MoE layer, top-{info['top_k']}, intermediate {info['expert_intermediate']}"),
+        ("experts", f"{info['experts']} per MoE layer, top-{info['top_k']}, "
+                    f"intermediate {info['expert_intermediate']}"),
         ("expert bytes", f"by width (MWQ groups of {info['group_size']})\n" + widths),
         ("dense bytes", ", ".join(f"{format_size(n)} {d}" for d, n in info["dense_bytes"].items())
          + " (convert --dense-dtype int8)"),

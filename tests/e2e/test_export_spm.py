@@ -25,8 +25,8 @@ PROMPT = "the cat in the hat sat on the mat"
 CHARS = sorted(set(PROMPT.replace(" ", "")) | set("bdgkloqruvwxy.,"))
 # merged pieces in SentencePiece's score order (best first); "▁the" is reachable two ways, and " sat" splits
 # as ▁ sa t only if "sa" merges before "▁s" and "at" (left to right, or "at" first, it would be ▁s at)
-PIECES = ["▁t", "he", "sa", "at", "▁the", "▁c", "in", "on", "▁h", "▁s", "▁m", "▁th", "▁cat", "▁in", "▁hat",
-          "▁on", "▁mat", "an", "▁a"]
+PIECES = ["▁t", "he", "sa", "at", "▁the", "▁c", "in", "on", "▁h", "▁s", "▁m", "▁th", "▁cat", "▁in",
+          "▁hat", "▁on", "▁mat", "an", "▁a"]
 VOCAB_SIZE = 320
 
 
