@@ -24,9 +24,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def read_hf_config(path: Path) -> dict[str, Any]:
     """config.json of a checkpoint directory, or the file itself."""
     path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or directory")
     f = path / "config.json" if path.is_dir() else path
     if not f.is_file():
-        raise ConversionError(f"{path}: no config.json; is this a Hugging Face checkpoint directory?")
+        raise ConversionError(f"{path}: no config.json: neither a d2moe store nor a Hugging Face checkpoint")
     try:
         return json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

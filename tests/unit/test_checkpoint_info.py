@@ -56,7 +56,9 @@ def test_cli_on_a_checkpoint_and_on_bad_input(tiny_checkpoints, tmp_path, capsys
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text("{not json")
-    for path in (bad, tmp_path / "missing"):
+    (tmp_path / "empty").mkdir()
+    for path, why in ((bad, "not valid JSON"), (tmp_path / "missing", "no such file"),
+                      (tmp_path / "empty", "neither a d2moe store nor")):
         assert main(["info", "--model", str(path)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("d2moe: error:") and err.count("\n") == 1, err
+        assert err.startswith("d2moe: error:") and err.count("\n") == 1 and why in err, err
