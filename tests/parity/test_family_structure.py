@@ -28,6 +28,15 @@ def _hub_style(path, **extra) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
 
 
+def _saved(model, path):
+    """Randomize a tiny transformers model, save it as a hub checkpoint (`_hub_style`), and return the
+    ModelConfig d2moe reads from it."""
+    randomize(model)
+    model.save_pretrained(path)
+    _hub_style(path)
+    return open_source(path).model
+
+
 def _compare(path, T: int = 40) -> float:
     import transformers
 
@@ -119,10 +128,7 @@ def test_granite_structure(tmp_path, shared):
     else:
         model = tf.GraniteMoeForCausalLM(tf.GraniteMoeConfig(**kw))
     model.eval()
-    randomize(model)
-    model.save_pretrained(tmp_path)
-    _hub_style(tmp_path)
-    m = open_source(tmp_path).model
+    m = _saved(model, tmp_path)
     assert (m.num_experts, m.top_k, m.shared_expert_intermediate, m.softmax_scale) == (40, 8, shared, 0.015625)
     _compare(tmp_path)
 
@@ -143,10 +149,7 @@ def test_granitemoe_swa_structure(tmp_path):
         rope_parameters=dict(rope_type="default", rope_theta=10000.0),
     )
     model = tf.GraniteMoeSWAForCausalLM(cfg).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path)
-    _hub_style(tmp_path)
-    m = open_source(tmp_path).model
+    m = _saved(model, tmp_path)
     assert (m.num_experts, m.top_k, m.shared_expert_intermediate, m.attention_sinks) == (40, 8, 256, True)
     assert (m.sliding_layers, m.nope_layers, m.sliding_window) == ((1, 2, 3), (0, 4), 16)
     _compare(tmp_path)
@@ -165,10 +168,7 @@ def test_phimoe_structure(tmp_path):
                           attention_bias=True, lm_head_bias=True, max_position_embeddings=2048, sliding_window=2048,
                           rope_parameters=rope)
     model = tf.PhimoeForCausalLM(cfg).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path)
-    _hub_style(tmp_path)
-    m = open_source(tmp_path).model
+    m = _saved(model, tmp_path)
     assert m.rope_scaling is not None and m.rope_scaling.kind == "longrope" and m.norm == "layer"
     _compare(tmp_path)
 
@@ -222,10 +222,7 @@ def test_ernie4_5_moe_structure(tmp_path):
         max_position_embeddings=256,
     )
     model = tf.Ernie4_5_MoeForCausalLM(cfg).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path)
-    _hub_style(tmp_path)
-    m = open_source(tmp_path).model
+    m = _saved(model, tmp_path)
     assert (m.num_experts, m.top_k, m.dense_layers, m.shared_expert_intermediate, m.tie_word_embeddings) == (
         64, 6, (0,), 128, True)
     _compare(tmp_path)
@@ -247,10 +244,7 @@ def test_dots1_structure(tmp_path):
         rope_parameters=dict(rope_type="default", rope_theta=10000000.0),
     )
     model = tf.Dots1ForCausalLM(cfg).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path)
-    _hub_style(tmp_path)
-    m = open_source(tmp_path).model
+    m = _saved(model, tmp_path)
     assert (m.num_experts, m.top_k, m.dense_layers, m.shared_expert_intermediate, m.qk_norm, m.sliding_layers) == (
         64, 6, (0,), 96, "head", ())
     _compare(tmp_path)
@@ -342,10 +336,7 @@ def test_flex_olmo_structure(tmp_path):
         eos_token_id=1, rope_parameters=dict(rope_type="default", rope_theta=500000.0),
     )
     model = tf.FlexOlmoForCausalLM(cfg).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path)
-    _hub_style(tmp_path)
-    m = open_source(tmp_path).model
+    m = _saved(model, tmp_path)
     assert (m.num_experts, m.top_k, m.norm_topk_prob, m.qk_norm, m.post_norm) == (7, 5, False, "full", True)
     _compare(tmp_path)
 
@@ -389,10 +380,7 @@ def test_solar_open_structure(tmp_path):
         max_position_embeddings=256, rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
     )
     model = tf.SolarOpenForCausalLM(cfg).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path)
-    _hub_style(tmp_path)
-    m = open_source(tmp_path).model
+    m = _saved(model, tmp_path)
     assert (m.num_experts, m.top_k, m.dense_layers, m.shared_expert_intermediate, m.rope_dim) == (64, 8, (), 40, 16)
     _compare(tmp_path)
 
