@@ -17,8 +17,8 @@ kernels are row-invariant only within limits, measured here (2 cores, AVX-512, t
 - fp16: d2moe's kernel (models/dense.py `float16_linear`), bf16 `F.linear`: the same bits for a row at any row count;
 - int8 `_weight_int8pack_mm`: the same bits up to KERNEL_MAX_TOKENS rows; beyond, a bf16 GEMM;
 - fp32 `F.linear` (MKL): a row's bits change with the row count, even from 1 to 2 rows;
-- the MWQ expert kernel: the same bits while the kernel kind does not change (`BoundExpert.invariant_tokens`,
-  16 or 3 tokens), float GEMM beyond.
+- the MWQ expert kernel: the same bits while the kernel kind does not change (`BoundExpert.invariant_tokens`:
+  256 tokens for msb experts, any count on byte codes, 3 for residual ones), float GEMM beyond.
 So each prefill chunk is always computed as its own call (its chunks are the same alone or batched: fixed
 boundaries at multiples of the chunk size), and the decode block is split into calls of at most the
 invariant row count of each matrix (one row at a time for fp32, e.g. routers). `tests/unit/test_ragged.py`

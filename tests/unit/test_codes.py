@@ -5,9 +5,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from d2moe.config import MWQConfig
-from d2moe.quant.codes import can_hold_codes, codes_of, planes_from_codes, read_codes, to_codes_reference
+from d2moe.quant.codes import (
+    KQ_ORDER,
+    _paired,
+    can_hold_codes,
+    codes_of,
+    from_lanes,
+    from_octets,
+    planes_from_codes,
+    read_codes,
+    to_codes_reference,
+    to_lanes,
+    to_octets,
+)
 from d2moe.quant.kernels import BoundExpert, CpuKernel, expert_ffn
 from d2moe.quant.mwq import quantize
 from d2moe.quant.pack import ExpertLayout, PackedMatrix, dequantize_packed, pack_expert, unpack_expert
@@ -115,3 +129,49 @@ def test_code_experts_take_the_code_kernel_at_any_token_count(kernel: CpuKernel)
 
 def planes_from_codes_expert(codes: dict[str, PackedMatrix]) -> dict[str, PackedMatrix]:
     return {n: planes_from_codes(pm) for n, pm in codes.items()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(1, 8).map(lambda k: 64 * k), chunks=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_octet_order_round_trips(out: int, chunks: int, seed: int) -> None:
+    """The stored order (octets, pairs interleaved within an array) is a permutation that round-trips, for
+    row counts whose arrays hold an odd number of octets too (out = 192: each plane holds 3)."""
+    code = torch.randint(0, 256, (out, 64 * chunks), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    stored = to_octets(code)
+    assert torch.equal(torch.sort(stored.flatten()).values, torch.sort(code.flatten()).values)
+    assert torch.equal(from_octets(stored), code)
+    scal = torch.randn(out, chunks).half()
+    assert torch.equal(from_lanes(to_lanes(scal)), scal)
+
+
+@pytest.mark.parametrize("rows", [192, 576, 1024])
+def test_a_chunk_holds_its_octet_rows_in_kernel_order(rows: int) -> None:
+    """Spot check of the documented order: stored byte of (octet, chunk, run h, row i, byte j) is the code
+    of row 8 * octet + i at column 64 * chunk + 4 * KQ_ORDER[h] + j, pairs interleaved by chunk."""
+    code = torch.arange(rows * 128, dtype=torch.int64).reshape(rows, 128)  # distinct values (as int64)
+    stored = to_octets(code).flatten()
+    paired = _paired(rows)
+    for octet in (0, 1, rows // 8 - 1):
+        for chunk in (0, 1):
+            if paired[octet]:
+                base = 8 * (octet & ~1) * 128 + chunk * 1024 + (octet & 1) * 512
+            else:
+                base = 8 * octet * 128 + chunk * 512
+            for h, i, j in ((0, 0, 0), (5, 3, 2), (15, 7, 3)):
+                want = code[8 * octet + i, 64 * chunk + 4 * KQ_ORDER[h] + j]
+                assert stored[base + 32 * h + 4 * i + j] == want, (octet, chunk, h, i, j)
+
+
+def test_msb_kernel_gives_each_token_its_bits_alone_up_to_its_count(kernel: CpuKernel) -> None:
+    """The msb kernel now runs planes up to 256 tokens and codes at any count (it beats decode + GEMM):
+    every token of a big call gets the bits it gets alone, on planes and on codes, which also agree."""
+    planes, codes = _expert(576, 192, seed=6), _as_codes(kernel, _expert(576, 192, seed=6))
+    x = torch.randn(100, 576, generator=torch.Generator().manual_seed(7))
+    for bits in (8, 3):
+        bp, bc = BoundExpert(planes, bits, kernel), BoundExpert(codes, bits, kernel)
+        assert bp.invariant_tokens >= 100 and bc.invariant_tokens >= 100
+        many = bp(x)
+        assert torch.equal(bc(x), many)
+        for t in (0, 31, 99):
+            assert torch.equal(bp(x[t : t + 1]), many[t : t + 1])
+            assert torch.equal(bc(x[t : t + 1]), many[t : t + 1])

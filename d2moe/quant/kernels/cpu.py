@@ -1,11 +1,11 @@
 """Fast CPU expert compute from packed (compressed) MWQ bytes, with the torch path as fallback.
 
-Decode (up to SMALL_T tokens): one C call runs the whole SwiGLU expert straight from the bit-planes, so the
-weights stream once from the cache's compressed bytes and no float copy of the expert is made. The fastest
-kernels (msb up to 16 tokens, residual up to 3) quantize the activations to int16 per weight group: 2-3x
-faster, relative output error ~1e-4 per matrix (~4e-4 for a whole expert), well under the 8-bit weight
-error of ~5e-3; `exact=True` keeps float activations. Prefill (more tokens): the C kernel decodes blocks of
-rows to a float32 scratch and a BLAS GEMM does the rest. See mwq_cpu.cpp for the kernels.
+Few tokens: one C call runs the whole SwiGLU expert straight from the bit-planes, so the weights stream once
+from the cache's compressed bytes and no float copy of the expert is made. The fastest kernels (msb up to 256
+tokens, or any count on byte codes; residual up to 3) quantize the activations to int16 per weight group:
+relative output error ~1e-4 per matrix (~4e-4 for a whole expert), well under the 8-bit weight error of
+~5e-3; `exact=True` keeps float activations. More tokens (or SMALL_T for the other kernels): the C kernel
+decodes blocks of rows to a float32 scratch and a BLAS GEMM does the rest. See mwq_cpu.cpp for the kernels.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from d2moe.quant.pack import PackedMatrix, dequantize_packed
 
 DECODE_BLOCK = 1 << 20  # weights decoded to float32 at a time for a many-token product (4 MiB scratch)
 SMALL_T = 16  # tokens up to which the fused register kernel beats decode + GEMM (benchmarks/kernels.py)
-# the same for an expert held as byte codes (quant/codes.py): 128-token prefill, 2 threads, bench8x's 576 x 1536
-# experts (~32 tokens each) 137 -> 290 tok/s; the default model's 576 x 192 (~96 tokens each) 10 % slower in
-# the code kernel than in decode + GEMM, so above this count the GEMM stays
-CODES_T = 64
+# (the msb kernel further: up to the kernel's invariant token count, see BoundExpert)
+# an expert held as byte codes (quant/codes.py): the code kernel at any count (576 x 192 at 256 tokens: 1.4 ms
+# against 2.0 for decode + GEMM; 576 x 1536: 9.2 against 16.8; one core)
+CODES_T = 1 << 30
 _P = ctypes.c_void_p
 
 
@@ -281,8 +281,10 @@ class BoundExpert:
             self._unit = torch.ones(1)
         # batching invariance (engine/runner.py): calls of at most this many tokens give each token the result
         # it gets alone; the torch fallback's fp32 GEMM depends on the row count, so it runs a token at a time
-        self.invariant_tokens = (min(min(kernel.invariant_tokens(pm, bits) for pm in mats), small_t)
-                                 if self.fast else 1)
+        kernel_t = min(kernel.invariant_tokens(pm, bits) for pm in mats) if self.fast else 1
+        if self.fast and kernel_t > small_t:  # the msb kernel: one kind up to kernel_t tokens, faster than GEMM
+            self.small_t = small_t = kernel_t
+        self.invariant_tokens = min(kernel_t, small_t) if self.fast else 1
         if self.fast and all(pm.codes for pm in mats):  # no decode to amortise: the code kernel further up
             self.small_t = max(small_t, CODES_T)
 

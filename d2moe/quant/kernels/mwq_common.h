@@ -1,6 +1,7 @@
 // Shared by the MWQ CPU kernels: the matrix view, fp16 helpers, per-row coefficients, int16 activations.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -62,11 +63,31 @@ inline void halves_to_floats(const uint16_t* h, int64_t n, float* out) {
 #endif
 }
 
+// Lane order: a matrix held as byte codes keeps its offsets and base scales ([out, G] fp16) per 16-row block
+// as [G][16 lanes], lane 2i = row i of the block, lane 2i + 1 = row 8 + i (the octet kernel's lanes, so it
+// loads a group's 16 rows at once). Row r's value of group g:
+inline int64_t lane_index(int64_t r, int64_t G, int64_t g) {
+    const int64_t i = r % 16;
+    return (r - i) * G + g * 16 + (i < 8 ? 2 * i : 2 * (i - 8) + 1);
+}
+
 // Per row: z' [G] and the `bits` coefficients [bits][G] (b0, b1, planes 3..bits) of the masked adds:
 // coef = s2, 2*s2, 2*s_i;  z' = z - sum_i s_i.  Plane-major loops over contiguous groups.
 // `s2_only` (msb int16 kernel): only coef[0..G) = s2 and z' = z - s2 * (1/2 - 2^(1-bits)).
 inline void row_coefficients(const MwqMat& m, int bits, int64_t r, float* zc, float* coef, bool s2_only = false) {
     const int64_t G = m.in / m.group_size;
+    if (m.codes) {  // lane order (see lane_index): the row's halves gathered, then the same arithmetic
+        thread_local std::vector<uint16_t> h;
+        h.resize(2 * G);
+        for (int64_t g = 0; g < G; ++g) {
+            h[g] = m.offset[lane_index(r, G, g)];
+            h[G + g] = m.base_scale[lane_index(r, G, g)];
+        }
+        MwqMat v = m;
+        v.codes = 0, v.offset = h.data(), v.base_scale = h.data() + G;
+        row_coefficients(v, bits, 0, zc, coef, s2_only);
+        return;
+    }
     const bool msb = bits == 2 || m.scales[0] == nullptr;
     if (s2_only && msb) {
         const float tail = 0.5f - 1.f / (float)(1 << (bits - 1));
@@ -125,40 +146,84 @@ inline void row_planes(const MwqMat& m, int bits, int64_t r, const uint8_t** pl)
 }
 
 
-// Byte codes (m.codes, msb with 8 planes, out % 8 == 0): the 8-bit msb code of every weight, one byte per
-// column (bit 7: base bit 1, bit 6: base bit 0, bit 8 - i: plane i), in the memory its planes took: rows
-// [0, out/4) in `base` ([out, 2, in/8] bytes), then out/8 rows in each of planes 3..8 ([out, in/8] bytes each).
+// Byte codes (m.codes, msb with 8 planes, out % 64 == 0): the 8-bit msb code of every weight, one byte per
+// weight (bit 7: base bit 1, bit 6: base bit 0, bit 8 - i: plane i), in the memory its planes took: rows
+// [0, out/4) in `base` ([out, 2, in/8] bytes), then out/8 rows in each of planes 3..8 ([out, in/8] bytes each)
+// (a segment each), in the order mwq_octets.h reads. code_row(m, r) is where row r's place in its segment is.
+// (No division: a 64-bit idiv per call cost ~1/4 of a one-token 16-row block.)
+inline int64_t code_segment(const MwqMat& m, int64_t r) {
+    int64_t k = 0;
+    for (int64_t end = m.out / 4; r >= end && k < 6; end += m.out / 8) ++k;
+    return k;
+}
 inline const uint8_t* code_row(const MwqMat& m, int64_t r) {
-    const int64_t q = m.out / 4, e = m.out / 8;
-    if (r < q) return m.base + r * m.in;
-    const int64_t k = (r - q) / e;
-    return m.planes[k] + (r - q - k * e) * m.in;
+    const int64_t k = code_segment(m, r);
+    return k == 0 ? m.base + r * m.in : m.planes[k - 1] + (r - m.out / 4 - (k - 1) * (m.out / 8)) * m.in;
 }
 
-// Row r's base and plane bytes rebuilt from its codes into tmp (8 * in/8 bytes: b0, b1, planes 3..8, as
-// row_planes reads them), and a one-row planes view of it: the kernels that read planes run on rows of a
-// byte-code matrix through this (float activations), with the same bits as on the planes.
+// Rows go in octets (8 rows), octet o = rows [8o, 8o + 8); an octet's codes are 512-byte chunks of 64 columns,
+// and in a chunk, 32-byte runs h = 0..15 each hold the 8 rows' codes ([row][4 bytes]) of the 4 columns from
+// 4 * kKq[h] (the order of mwq_octets.h's transpose). Octets 2j and 2j + 1 in one segment are a pair, stored
+// chunk by chunk interleaved (chunk c of 2j, then of 2j + 1: the kernel's 16 rows are one stream); an octet
+// whose partner is in another segment is stored alone (its chunks in order).
+constexpr int kKq[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+constexpr int64_t kChunkBytes = 512;
+
+inline bool octet_paired(const MwqMat& m, int64_t o) {
+    const int64_t p = o ^ 1;
+    return 8 * p < m.out && code_segment(m, 8 * o) == code_segment(m, 8 * p);
+}
+
+// Octet o's first chunk, and the bytes from one of its chunks to the next.
+inline const uint8_t* octet_chunks(const MwqMat& m, int64_t o, int64_t& stride) {
+    if (!octet_paired(m, o)) {
+        stride = kChunkBytes;
+        return code_row(m, 8 * o);
+    }
+    stride = 2 * kChunkBytes;
+    return code_row(m, 8 * (o & ~int64_t(1))) + (o & 1) * kChunkBytes;
+}
+
+// Row r's codes, row-major (in bytes): the portable way back (float decode, planes for the float kernels).
+inline void code_row_bytes(const MwqMat& m, int64_t r, uint8_t* row) {
+    int64_t stride;
+    const uint8_t* octet = octet_chunks(m, r / 8, stride);
+    const int64_t i = r % 8;
+    for (int64_t c = 0; c < m.in / 64; ++c)
+        for (int h = 0; h < 16; ++h) std::memcpy(row + c * 64 + kKq[h] * 4, octet + c * stride + h * 32 + i * 4, 4);
+}
+
+// Row r's base and plane bytes rebuilt from its codes into tmp (2 * in + 4 * G bytes, 2-byte aligned: the
+// row's codes, then b0, b1, planes 3..8 as row_planes reads them, then its offsets and base scales), and a
+// one-row planes view of it: the kernels that read planes run on rows of a byte-code matrix through this
+// (float activations), with the same bits as on the planes.
 inline MwqMat planes_of_code_row(const MwqMat& m, int64_t r, uint8_t* tmp) {
     const int64_t rb = m.in / 8, G = m.in / m.group_size;
-    const uint8_t* c = code_row(m, r);
+    uint8_t* c = tmp;
+    code_row_bytes(m, r, c);
+    uint8_t* pl = tmp + m.in;
     for (int64_t k = 0; k < rb; ++k) {
         uint8_t by[8] = {};
         for (int t = 0; t < 8; ++t)
             for (int p = 0; p < 8; ++p) by[p] |= (uint8_t)(((c[8 * k + t] >> p) & 1) << t);
-        tmp[k] = by[6];                 // base bit 0
-        tmp[rb + k] = by[7];            // base bit 1
-        for (int i = 3; i <= 8; ++i) tmp[(i - 1) * rb + k] = by[8 - i];
+        pl[k] = by[6];                 // base bit 0
+        pl[rb + k] = by[7];            // base bit 1
+        for (int i = 3; i <= 8; ++i) pl[(i - 1) * rb + k] = by[8 - i];
     }
     MwqMat v{};
-    v.offset = m.offset + r * G;
-    v.base_scale = m.base_scale + r * G;
-    v.base = tmp;
-    for (int i = 0; i < 6; ++i) v.planes[i] = tmp + (2 + i) * rb;
+    uint16_t* h = reinterpret_cast<uint16_t*>(tmp + 2 * m.in);  // the row's scalars, row order
+    for (int64_t g = 0; g < G; ++g) {
+        h[g] = m.offset[lane_index(r, G, g)];
+        h[G + g] = m.base_scale[lane_index(r, G, g)];
+    }
+    v.offset = h;
+    v.base_scale = h + G;
+    v.base = pl;
+    for (int i = 0; i < 6; ++i) v.planes[i] = pl + (2 + i) * rb;
     v.out = 1, v.in = m.in, v.group_size = m.group_size, v.codes = 0;
     return v;
 }
 
-// Activations of T tokens quantized to int16 per weight group (for the few-token kernel).
 struct QuantX {
     const int16_t* x16;  // [T, in]
     const float* sx;     // [T, G] scale: x ~= x16 * sx

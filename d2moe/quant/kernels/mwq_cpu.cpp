@@ -7,9 +7,9 @@
 //
 // With sigma = 2*bit - 1 the weight is  W = z' + s2*b0 + 2*s2*b1 + sum_i 2*s_i*bit_i,  z' = z - sum_i s_i.
 // Kernels, all reading only the packed bytes (chosen per matrix and token count by int16_kind):
-//  * msb, 1..16 tokens, `row_dot_gfni`: 8x8 bit transposes (VBMI + GFNI) rebuild the 8-bit msb code of
-//    64 columns from the planes; two VNNI int16 multiply-adds per 64 columns and token. Nearly width-
-//    independent cost (~20 G weights/s per core at 8 bits, ~3x the float kernel).
+//  * msb, 1..16 tokens (any count for byte codes), `octets_dot` (mwq_octets.h): 16 rows at a time, 8x8 bit
+//    transposes (VBMI + GFNI) rebuild the 8-bit msb codes of 64 columns from the planes (or byte codes are
+//    read as they are), VNNI int16 multiply-adds with one activation broadcast per 8 rows x 4 columns.
 //  * residual, 1..3 tokens, `row_dot_i16`: per plane one masked int16 add per 32 columns, int32 -> float,
 //    times the plane's scale (~2x the float kernel).
 //    Both quantize activations to int16 per token and weight group (msb: 15 bits, residual: 14 bits), which
@@ -22,13 +22,15 @@
 // Threads: OpenMP over output rows (the process's libgomp, shared with torch).
 // The AVX-512 kernels need group_size % 16 == 0 (masked int16: % 32, GFNI: % 64); the portable path % 8.
 //
-// Files: mwq_common.h (view, coefficients, int16 activations), mwq_float.h (float kernels), mwq_int16.h
-// (int16 kernels), mwq_int8_dense.h (per-row int8 dense matrices), mwq_f16_dense.h (fp16 dense
-// matrices), mwq_attention.h (decode attention), this file (dispatch, threading, C API).
+// Files: mwq_common.h (view, coefficients, byte-code layout, int16 activations), mwq_float.h (float kernels),
+// mwq_int16.h (masked int16 kernel, GFNI code rebuild), mwq_octets.h (the msb kernel and its layout),
+// mwq_int8_dense.h (per-row int8 dense matrices), mwq_f16_dense.h (fp16 dense matrices), mwq_attention.h
+// (decode attention), this file (dispatch, threading, C API).
 
 #include "mwq_common.h"
 #include "mwq_float.h"
 #include "mwq_int16.h"
+#include "mwq_octets.h"
 #include "mwq_int8_dense.h"
 #include "mwq_f16_dense.h"
 #include "mwq_attention.h"
@@ -119,75 +121,67 @@ struct QuantBuffers {
     }
 };
 
-// One matrix's rows for T tokens, in token tiles (8, 4, 3, 2, 1): int16 kernels when the activations were
-// quantized (qx given, see int16_kind), else register decode. Per-row coefficients computed once per row.
+// One matrix's rows for T tokens: blocks of 16 rows through the octet kernel (int16 activations, msb, see
+// int16_kind), else one row at a time in token tiles (8, 4, 3, 2, 1): the masked int16 kernel, or register
+// decode. Per-row coefficients computed once per call.
 struct RowWork {
     const MwqMat& m;
     int bits;
-    std::vector<float> zc, coef;
-    RowDot tiles[9] = {};       // float register decode, per tile size
-    RowDotI16 gfni[9] = {};     // msb GFNI kernel, per tile size
-    RowDotI16 gfni8[9] = {};    // the same, 8 rows at a time
-    RowDotI16 codes_k[9] = {};  // the same arithmetic on byte codes (m.codes)
-    RowDotI16 codes4[9] = {};   // the same, 4 rows at a time (tiles of 1 or 2 tokens)
-    RowDotI16 masked[4] = {};   // masked int16 kernel, per token count 1..3
+    std::vector<float> zc, coef, lane_unit, lane_zc;
+    RowDot tiles[9] = {};      // float register decode, per tile size
+    OctetsDot octets[9] = {};  // 16-row blocks on int16 activations, per tile size (8, 4, 2, 1)
+    RowDotI16 masked[4] = {};  // masked int16 kernel, per token count 1..3
     RowWork(const MwqMat& mat, int b)
-        : m(mat), bits(b), zc(8 * (mat.in / mat.group_size)), coef(8 * b * (mat.in / mat.group_size)) {
-        for (int tt : {8, 4, 3, 2, 1}) {
-            tiles[tt] = dot_for(bits, tt);
-            if (kGfniMaxTokens > 0) {
-                gfni[tt] = dot_gfni_for(bits, tt), gfni8[tt] = dot_gfni_for(bits, tt, true);
-                codes_k[tt] = dot_codes_for(bits, tt), codes4[tt] = dot_codes_for(bits, tt, true);
-            }
-        }
+        : m(mat), bits(b), zc(16 * (mat.in / mat.group_size)), coef(16 * b * (mat.in / mat.group_size)),
+          lane_unit(16 * (mat.in / mat.group_size)), lane_zc(16 * (mat.in / mat.group_size)) {
+        for (int tt : {8, 4, 3, 2, 1}) tiles[tt] = dot_for(bits, tt);
+        if (kGfniMaxTokens > 0)
+            for (int tt : {8, 4, 2, 1}) octets[tt] = octets_for(bits, tt);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
         for (int t = 1; t <= kI16MaxTokens; ++t)
             masked[t] = dot_i16_for(bits, t, is_msb(m, bits), m.group_size % 64 == 0 ? 2 : 1);
 #endif
     }
-    // Rows per call of dot(): 8 where the GFNI kernel reads 8 rows as one run (rows with a 64-column tail
-    // each, at most kRows8MaxIn columns, a multiple of 8 rows; fewer than 8 tokens: with a tile of 8 its
-    // registers spill and it is slower), 4 for byte codes with 1-2 tokens (4 chains in flight), else 1.
-    // The result is the same either way.
+    // Rows per call of dot(): a 16-row block for the octet kernel, else 1 (either handles any count up to it).
     int64_t rows_per_call(int64_t T, const QuantX* qx) const {
-        if (qx == nullptr || int16_kind(m, bits, T) != 2) return 1;
-        if (m.codes) return T <= 2 && m.out % 4 == 0 ? 4 : 1;
-        return T < 8 && m.in % 512 != 0 && m.in <= kRows8MaxIn && m.out % 8 == 0 ? 8 : 1;
+        return qx != nullptr && int16_kind(m, bits, T) == 2 ? 16 : 1;
     }
-    // y[t * ldy + i] = (W x_t)[r + i] for all T tokens and the `n` rows from r (n = rows_per_call).
+    // y[t * ldy + i] = (W x_t)[r + i] for all T tokens and the n (<= 16) rows from r (r % 16 == 0 when n > 1).
     void dot(int64_t r, const float* x, int64_t ldx, int64_t T, float* y, int64_t ldy, const QuantX* qx,
              int64_t n = 1) {
         const int kind = qx != nullptr ? int16_kind(m, bits, T) : 0;
-        if (m.codes && kind != 2) {  // byte codes, a kernel that reads planes: this row's planes rebuilt
-            row_tmp.resize(m.in);
-            const MwqMat v = planes_of_code_row(m, r, row_tmp.data());
-            dot_on(v, 0, x, ldx, T, y, ldy, qx, 1, kind);
+        if (kind == 2) {
+            const int64_t G = m.in / m.group_size;
+            if (m.codes) {  // scalars already in lane order
+                octet_lanes_of_codes(m, bits, r, lane_unit.data(), lane_zc.data());
+            } else {
+                for (int64_t i = 0; i < n; ++i)
+                    row_coefficients(m, bits, r + i, zc.data() + i * G, coef.data() + i * G, /*s2_only=*/true);
+                octet_lanes(zc.data(), coef.data(), G, (int)n, lane_unit.data(), lane_zc.data());
+            }
+            int64_t t = 0;
+            for (int tt : {8, 4, 2, 1})
+                for (; T - t >= tt; t += tt) {
+                    const QuantX qt{qx->x16 + t * m.in, qx->sx + t * G, qx->xs + t * G};
+                    octets[tt](m, r, (int)n, lane_unit.data(), lane_zc.data(), qt, 0, y + t * ldy, ldy);
+                }
             return;
         }
-        dot_on(m, r, x, ldx, T, y, ldy, qx, n, kind);
+        for (int64_t i = 0; i < n; ++i) {
+            if (m.codes) {  // byte codes, a kernel that reads planes: this row's planes rebuilt
+                row_tmp.resize(2 * m.in + 4 * (m.in / m.group_size));
+                const MwqMat v = planes_of_code_row(m, r + i, row_tmp.data());
+                dot_row(v, 0, x, ldx, T, y + i, ldy, qx, kind);
+            } else {
+                dot_row(m, r + i, x, ldx, T, y + i, ldy, qx, kind);
+            }
+        }
     }
 
   private:
     std::vector<uint8_t> row_tmp;
-    void dot_on(const MwqMat& mm, int64_t r, const float* x, int64_t ldx, int64_t T, float* y, int64_t ldy,
-                const QuantX* qx, int64_t n, int kind) {
-        if (kind == 2) {
-            const int64_t G = mm.in / mm.group_size;
-            for (int64_t i = 0; i < n; ++i)
-                row_coefficients(mm, bits, r + i, zc.data() + i * G, coef.data() + i * G, /*s2_only=*/true);
-            int64_t t = 0;
-            for (int tt : {8, 4, 3, 2, 1})
-                for (; T - t >= tt; t += tt) {
-                    const QuantX qt{qx->x16 + t * mm.in, qx->sx + t * G, qx->xs + t * G};
-                    // n rows: in blocks where a kernel takes several (byte codes: 4, planes: 8), else one by one
-                    // (n is the first expert's rows_per_call; a layer's experts may be held either way)
-                    const int step = mm.codes && n % 4 == 0 && codes4[tt] ? 4 : !mm.codes && n == 8 ? 8 : 1;
-                    const RowDotI16 k = mm.codes ? (step == 4 ? codes4 : codes_k)[tt] : (step == 8 ? gfni8 : gfni)[tt];
-                    for (int64_t i = 0; i < n; i += step)
-                        k(mm, r + i, zc.data() + i * G, coef.data() + i * G, qt, y + t * ldy + i, ldy);
-                }
-            return;
-        }
+    void dot_row(const MwqMat& mm, int64_t r, const float* x, int64_t ldx, int64_t T, float* y, int64_t ldy,
+                 const QuantX* qx, int kind) {
         if (kind == 1) {
             row_coefficients(mm, bits, r, zc.data(), coef.data(), /*s2_only=*/true);
             masked[T](mm, r, zc.data(), coef.data(), *qx, y, ldy);
@@ -210,22 +204,37 @@ const QuantX* maybe_quantize(QuantBuffers& buf, QuantX& view, const MwqMat& m, i
     return &view;
 }
 
-// Byte codes from planes, in place (see code_row in mwq_common.h); the caller checked the shape (in % 64 == 0)
-// and that this build has the code kernels.
+// Byte codes from planes, in place, in octet order (see code_row in mwq_common.h); the caller checked the
+// shape (out % 64 == 0, in % 64 == 0) and that this build has the code kernels.
 void planes_to_codes(MwqMat& m) {
-    std::vector<uint8_t> codes(m.out * m.in);
-    for (int64_t r = 0; r < m.out; ++r) {
-        const uint8_t* pl[8];
-        row_planes(m, 8, r, pl);
-        uint8_t* c = codes.data() + r * m.in;
-#if defined(__AVX512F__) && defined(__GFNI__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
-        for (int64_t j = 0; j < m.in; j += 64) _mm512_storeu_si512(c + j, msb_codes64<8>(pl, j / 8));
-#else
-        (void)pl, (void)c;  // unreachable: mwq_to_codes refuses builds without the code kernels
-#endif
+    std::vector<uint8_t> codes(m.out * m.in);  // row r's place at r * in, as if the segments were one array
+    MwqMat view = m;
+    view.codes = 1;
+#if defined(__GFNI__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
+    for (int64_t o = 0; o < m.out / 8; ++o) {
+        const uint8_t* pl[8][8];
+        for (int i = 0; i < 8; ++i) row_planes(m, 8, 8 * o + i, pl[i]);
+        const bool paired = octet_paired(view, o);  // see octet_chunks in mwq_common.h
+        const int64_t stride = paired ? 2 * kChunkBytes : kChunkBytes;
+        uint8_t* dst = paired ? codes.data() + 8 * (o & ~int64_t(1)) * m.in + (o & 1) * kChunkBytes
+                              : codes.data() + 8 * o * m.in;
+        for (int64_t c = 0; c < m.in / 64; ++c) {
+            __m512i rows[8];
+            for (int i = 0; i < 8; ++i) rows[i] = msb_codes64<8>(pl[i], c * 8);
+            rows_to_octet_chunk(rows, dst + c * stride);
+        }
     }
+#endif  // (else unreachable: mwq_to_codes refuses builds without the code kernels)
     m.codes = 1;
-    for (int64_t r = 0; r < m.out; ++r) std::memcpy(const_cast<uint8_t*>(code_row(m, r)), codes.data() + r * m.in, m.in);
+    for (int64_t o = 0; o < m.out / 8; ++o)
+        std::memcpy(const_cast<uint8_t*>(code_row(m, 8 * o)), codes.data() + o * 8 * m.in, 8 * m.in);
+    const int64_t G = m.in / m.group_size;  // offsets and base scales into lane order (lane_index)
+    std::vector<uint16_t> h(m.out * G);
+    for (uint16_t* a : {const_cast<uint16_t*>(m.offset), const_cast<uint16_t*>(m.base_scale)}) {
+        for (int64_t r = 0; r < m.out; ++r)
+            for (int64_t g = 0; g < G; ++g) h[lane_index(r, G, g)] = a[r * G + g];
+        std::memcpy(a, h.data(), h.size() * 2);
+    }
 }
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
@@ -248,18 +257,20 @@ int mwq_matmul(const MwqMat* m, int bits, const float* x, int64_t T, float* y, i
         RowWork work(*m, bits);
         const int64_t n = work.rows_per_call(T, qx);
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < m->out / n; ++b) work.dot(b * n, x, m->in, T, y + b * n, m->out, qx, n);
+        for (int64_t b = 0; b < (m->out + n - 1) / n; ++b)
+            work.dot(b * n, x, m->in, T, y + b * n, m->out, qx, std::min(n, m->out - b * n));
     }
     return 0;
 }
 
-// The most tokens (1..16) one call may take while every token is computed exactly as it would be alone:
+// The most tokens (1..kGfniMaxTokens) one call may take while every token is computed exactly as it would be alone:
 // token tiles share arithmetic, but the kernel kind (int16 activations or float) changes with T. A batch
 // split into calls of at most this many tokens per matrix gives each token the same bits at any batch size.
 int mwq_invariant_tokens(const MwqMat* m, int bits) {
     const int first = int16_kind(*m, bits, 1);
     int t = 1;
-    while (t < 16 && int16_kind(*m, bits, t + 1) == first) ++t;
+    const int most = kGfniMaxTokens > 16 ? kGfniMaxTokens : 16;
+    while (t < most && int16_kind(*m, bits, t + 1) == first) ++t;
     return t;
 }
 
@@ -286,7 +297,7 @@ int mwq_decode_rows(const MwqMat* m, int bits, int64_t r0, int64_t r1, float* w,
 // Returns 0, or -1 when it cannot be held that way (not msb / 8 planes, out % 8, in % 64, no code kernel).
 // check_only: only say whether it could.
 int mwq_to_codes(MwqMat* m, int check_only) {
-    if (kGfniMaxTokens == 0 || m->codes || m->scales[0] != nullptr || m->planes[5] == nullptr || m->out % 8 ||
+    if (kGfniMaxTokens == 0 || m->codes || m->scales[0] != nullptr || m->planes[5] == nullptr || m->out % 64 ||
         m->in % 64 || m->group_size % 64 || m->group_size > 1024 || !supported(*m, 8))
         return -1;
     if (check_only) return 0;
@@ -328,15 +339,18 @@ int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, 
             g3.emplace_back(*mats[3 * e + 1], bits);
             g2.emplace_back(*mats[3 * e + 2], bits);
         }
-        std::vector<float> up(8 * T), part(8 * T);
-        const int64_t n1 = g1[0].rows_per_call(T, qx);  // rows per call: the same for every expert
+        std::vector<float> up(16 * T), part(16 * T);
+        // rows per call: the most any expert takes (a layer's experts may be held as codes or planes)
+        int64_t n1 = 1, n2 = 1;
+        for (int e = 0; e < n; ++e) n1 = std::max(n1, g1[e].rows_per_call(T, qx));
+        const int64_t b1 = (I + n1 - 1) / n1;  // blocks per expert
 #pragma omp for schedule(static)
-        for (int64_t k = 0; k < n * I / n1; ++k) {
-            const int64_t e = k / (I / n1), r = k % (I / n1) * n1;
+        for (int64_t k = 0; k < n * b1; ++k) {
+            const int64_t e = k / b1, r = k % b1 * n1, rows = std::min(n1, I - r);
             float* a = act + e * T * I;
-            g1[e].dot(r, x, H, T, a + r, I, qx, n1);
-            g3[e].dot(r, x, H, T, up.data(), n1, qx, n1);
-            for (int64_t i = 0; i < n1; ++i)
+            g1[e].dot(r, x, H, T, a + r, I, qx, rows);
+            g3[e].dot(r, x, H, T, up.data(), n1, qx, rows);
+            for (int64_t i = 0; i < rows; ++i)
                 for (int64_t t = 0; t < T; ++t) a[t * I + r + i] = silu(a[t * I + r + i]) * up[t * n1 + i];
         }  // implicit barrier: every act complete
 #pragma omp for schedule(static)
@@ -346,13 +360,13 @@ int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, 
         // Expert-major: a thread streams one expert's planes at a time (interleaving all experts' rows
         // meant 8 planes x n experts of concurrent streams, and was slower at 8 bits). Static schedules of
         // equal loops give a thread the same rows for every e, so `nowait` is safe and y needs no atomics.
-        const int64_t n2 = g2[0].rows_per_call(T, qa[0]);
+        for (int e = 0; e < n; ++e) n2 = std::max(n2, g2[e].rows_per_call(T, qa[e]));
         for (int e = 0; e < n; ++e) {
 #pragma omp for schedule(static) nowait
-            for (int64_t b = 0; b < H / n2; ++b) {
-                const int64_t r = b * n2;
-                g2[e].dot(r, act + e * T * I, I, T, part.data(), n2, qa[e], n2);
-                for (int64_t i = 0; i < n2; ++i)
+            for (int64_t b = 0; b < (H + n2 - 1) / n2; ++b) {
+                const int64_t r = b * n2, rows = std::min(n2, H - r);
+                g2[e].dot(r, act + e * T * I, I, T, part.data(), n2, qa[e], rows);
+                for (int64_t i = 0; i < rows; ++i)
                     for (int64_t t = 0; t < T; ++t) {
                         // product rounded, then added (no fused multiply-add): the same bits as torch's
                         // `y * w` then `index_add_`, so a lone decode row equals the batched step's grouping

@@ -80,11 +80,15 @@ void row_decode(const MwqMat& m, int64_t r, const float* zc, const float* coef, 
     decode_row16<NP>(m, zc, coef, w_out, [&](int p, int64_t col) { return load_mask(pl[p] + col / 8); });
 }
 
-// row_decode on a matrix held as byte codes (mwq_common.h code_row): plane p's 16-column mask is one bit
-// test of 16 code bytes (base bit 0: code bit 6, bit 1: bit 7, plane i: bit 8 - i): the same floats.
+// row_decode on a matrix held as byte codes (mwq_common.h code_row): the row's codes gathered from its
+// octet, then plane p's 16-column mask is one bit test of 16 code bytes (base bit 0: code bit 6, bit 1: bit
+// 7, plane i: bit 8 - i): the same floats.
 template <int NP>
 void row_decode_codes(const MwqMat& m, int64_t r, const float* zc, const float* coef, float* w_out) {
-    const uint8_t* codes = code_row(m, r);
+    thread_local std::vector<uint8_t> row;
+    row.resize(m.in);
+    code_row_bytes(m, r, row.data());
+    const uint8_t* codes = row.data();
     __m128i sel[NP];
     for (int p = 0; p < NP; ++p) sel[p] = _mm_set1_epi8((char)(1 << (p == 0 ? 6 : p == 1 ? 7 : 7 - p)));
     decode_row16<NP>(m, zc, coef, w_out, [&](int p, int64_t col) {
