@@ -66,36 +66,44 @@ struct CodeChunks {
     inline const uint8_t* chunk(int o, int64_t c) const { return o ? b + c * sb : a + c * sa; }
 };
 
-// Chunks of 16 rows rebuilt from NP planes (rows past `rows` read as code 0), one chunk at a time.
+// Chunks of 16 rows rebuilt from NP planes (rows past `rows` read as code 0). The rows are decoded whole first,
+// one after another (msb_codes512: one 64-byte load per plane for 8 chunks), into a row-major scratch, and each
+// chunk is transposed from there when the kernel reaches it: reading the planes of 16 rows side by side, chunk
+// by chunk, was ~20 % slower from DRAM at one token (many short strided streams); so was a prefetch of the
+// next block's planes in the memory-starved engine, whose loader's reads it competes with.
 template <int NP>
 struct PlaneChunks {
-    const uint8_t* pl[16][8];
-    const uint8_t* next[8] = {};  // the next block's plane bytes (base: both bits), prefetched meanwhile
+    const uint8_t* codes;  // [16][in] row-major
     int rows;
     int64_t in;
     alignas(64) uint8_t buf[2 * kChunkBytes];
     PlaneChunks(const MwqMat& m, int64_t r0, int n) : rows(n), in(m.in) {
-        for (int i = 0; i < n; ++i) row_planes(m, NP, r0 + i, pl[i]);
-        if (r0 + 32 <= m.out) {  // a whole next block: its rows' bytes follow these in every plane
-            const uint8_t* nb[8];
-            row_planes(m, NP, r0 + 16, nb);
-            next[0] = nb[0];
-            for (int p = 2; p < NP; ++p) next[p] = nb[p];
+        thread_local std::vector<uint8_t> scratch;
+        scratch.resize(16 * m.in + 64);
+        uint8_t* base = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
+        codes = base;
+        const int64_t chunks = m.in / 64;
+        for (int i = 0; i < 16; ++i) {
+            uint8_t* row = base + i * m.in;
+            if (i >= n) {
+                std::memset(row, 0, m.in);
+                continue;
+            }
+            const uint8_t* pl[8];
+            row_planes(m, NP, r0 + i, pl);
+            int64_t c = 0;
+            for (; c + 8 <= chunks; c += 8) {
+                __m512i cs[8];
+                msb_codes512<NP>(pl, c * 8, cs);
+                for (int j = 0; j < 8; ++j) _mm512_store_si512(row + (c + j) * 64, cs[j]);
+            }
+            for (; c < chunks; ++c) _mm512_store_si512(row + c * 64, msb_codes64<NP>(pl, c * 8));
         }
     }
     inline void load(int64_t c) {
-        // 16 rows x NP planes are too many streams for the hardware prefetcher: while this block runs, the next
-        // block's bytes come into L2, as many lines per chunk as it has (base 2 x 16 rows x in/8 bytes, a
-        // sign plane 16 x in/8)
-        if (next[0] != nullptr) {
-            for (int k = 0; k < 4; ++k) _mm_prefetch((const char*)(next[0] + 256 * c + 64 * k), _MM_HINT_T1);
-            for (int p = 2; p < NP; ++p)
-                for (int k = 0; k < 2; ++k) _mm_prefetch((const char*)(next[p] + 128 * c + 64 * k), _MM_HINT_T1);
-        }
         for (int o = 0; o < 2; ++o) {
             __m512i r[8];
-            for (int i = 0; i < 8; ++i)
-                r[i] = 8 * o + i < rows ? msb_codes64<NP>(pl[8 * o + i], c * 8) : _mm512_setzero_si512();
+            for (int i = 0; i < 8; ++i) r[i] = _mm512_load_si512(codes + (8 * o + i) * in + c * 64);
             rows_to_octet_chunk(r, buf + o * kChunkBytes);
         }
     }
@@ -229,13 +237,17 @@ inline void octet_lanes_of_codes(const MwqMat& m, int bits, int64_t r0, float* u
 }
 
 // The block's per-lane coefficients (see octets_dot) from each row's z' and s2 ([G] each, row-major [16][G]).
+// One gather per group and array (the scalar loop with its lane arithmetic was ~10 % of a one-token call).
 inline void octet_lanes(const float* zc_rows, const float* s2_rows, int64_t G, int rows, float* unit, float* zc) {
-    for (int64_t g = 0; g < G; ++g)
-        for (int lane = 0; lane < 16; ++lane) {
-            const int row = lane % 2 ? 8 + lane / 2 : lane / 2;
-            unit[g * 16 + lane] = row < rows ? s2_rows[row * G + g] * (1.f / 64.f) : 0.f;
-            zc[g * 16 + lane] = row < rows ? zc_rows[row * G + g] : 0.f;
-        }
+    const __m512i lane_rows = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    const __mmask16 valid = _mm512_cmplt_epi32_mask(lane_rows, _mm512_set1_epi32(rows));
+    const __m512i at = _mm512_mullo_epi32(lane_rows, _mm512_set1_epi32((int)G));
+    for (int64_t g = 0; g < G; ++g) {
+        const __m512i idx = _mm512_add_epi32(at, _mm512_set1_epi32((int)g));
+        const __m512 s2 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, s2_rows, 4);
+        _mm512_storeu_ps(unit + g * 16, _mm512_mul_ps(s2, _mm512_set1_ps(1.f / 64.f)));
+        _mm512_storeu_ps(zc + g * 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, idx, zc_rows, 4));
+    }
 }
 #else
 using OctetsDot = void (*)(const MwqMat&, int64_t, int, const float*, const float*, const QuantX&, int64_t, float*,
