@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from d2moe.config import ModelConfig, RopeScaling
-from d2moe.models.dense import DenseWeight, Int8Matrix, float16_linear, int8_embedding, int8_linear
+from d2moe.models.dense import (
+    DenseWeight,
+    Float16Blocks,
+    Int8Matrix,
+    float16_blocks_linear,
+    float16_linear,
+    int8_embedding,
+    int8_linear,
+)
 from d2moe.models.kv_window import cache_len, is_ring, ring_write, window_keys
 from d2moe.quant.kernels.cpu import load_kernel
 
@@ -72,6 +80,8 @@ def linear(x: torch.Tensor, w: DenseWeight, b: torch.Tensor | None = None) -> to
     """
     if isinstance(w, Int8Matrix):
         y = int8_linear(x, w)
+    elif isinstance(w, Float16Blocks):
+        y = float16_blocks_linear(x, w)
     elif w.dtype == torch.float16:
         y = float16_linear(x, w)
     else:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
 from d2moe.models.decoder import MoEDecoder
-from d2moe.models.dense import KERNEL_MAX_TOKENS, DenseWeight, Int8Matrix
+from d2moe.models.dense import KERNEL_MAX_TOKENS, DenseWeight, Float16Blocks, Int8Matrix
 from d2moe.models.expert_provider import ExpertProvider
 from d2moe.models.kv_window import cache_len, is_ring, ring_write, window_keys
 from d2moe.models.layers import (
@@ -75,6 +75,8 @@ def invariant_rows(w: DenseWeight) -> int:
     """Most rows one `linear` call may take while each row gets the bits it gets alone (see module doc)."""
     if isinstance(w, Int8Matrix):
         return KERNEL_MAX_TOKENS
+    if isinstance(w, Float16Blocks):
+        return UNBOUNDED
     return UNBOUNDED if w.dtype in (torch.float16, torch.bfloat16) else 1
 
 

@@ -6,7 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2moe.models.dense import float16_linear, float16_linear_reference
+from d2moe.models.dense import (
+    Float16Blocks,
+    block_float16,
+    block_float16_matrices,
+    dense_nbytes,
+    float16_blocks_linear,
+    float16_blocks_linear_reference,
+    float16_linear,
+    float16_linear_reference,
+    fuse_qkv,
+    unblock_float16,
+)
 from d2moe.models.layers import linear
 from d2moe.quant.kernels import load_kernel
 
@@ -55,3 +66,55 @@ def test_float16_linear_falls_back_where_the_kernel_has_no_shape():
     y = linear(x2, w2, b)
     assert y.shape == (2, 3, 24) and y.dtype == torch.float32
     torch.testing.assert_close(y, (x2.double() @ w2.double().T + b.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (40, 64), (7, 48), (16, 2)])
+def test_f16_blocks_kernel_is_exact_and_batch_invariant(shape):
+    """The blocked layout (models/dense.py `Float16Blocks`, 16 rows side by side per column): within fp32
+    summation error of the float64 product, rows past a partial last block never written, and a row's bits
+    the same alone, in tiles of 8, 4 or 1 tokens, and with any neighbours."""
+    kernel = _kernel()
+    out, inp = shape
+    g = torch.Generator().manual_seed(out * 7 + inp)
+    w = (torch.randn(out, inp, generator=g) * torch.rand(out, 1, generator=g)).half()
+    b = block_float16(w)
+    assert b.shape == (out, inp) and torch.equal(unblock_float16(b), w)
+    x = torch.randn(37, inp, generator=g) * 3
+    y = float16_blocks_linear(x, b)
+    exact = x.double() @ w.double().T
+    scale = x.abs().double() @ w.abs().double().T
+    assert y.shape == (37, out)
+    assert bool(((y.double() - exact).abs() <= inp * 2**-23 * scale + 1e-30).all())
+    ref = float16_blocks_linear_reference(x, b).double()
+    assert bool(((y.double() - ref).abs() <= 2 * inp * 2**-23 * scale + 1e-30).all())
+    for rows in (1, 3, 4, 8, 9, 13):
+        assert torch.equal(float16_blocks_linear(x[:rows], b), y[:rows])
+    for a in (5, 20, 36):
+        assert torch.equal(float16_blocks_linear(x[a : a + 1], b), y[a : a + 1])
+    assert torch.equal(linear(x, b), y)
+
+
+def test_loaded_layers_hold_blocks_that_share_the_fused_qkv():
+    """At load, each layer's fp16 q|k|v (fused, with q, k, v as views of it), o and dense FFN matrices become
+    blocks; the embedding keeps its rows; no bytes are added; a layer whose q|k|v split is not on 16-row
+    blocks keeps its rows too."""
+    g = torch.Generator().manual_seed(3)
+
+    def h(*s):
+        return torch.randn(*s, generator=g).half()
+
+    dense = fuse_qkv({"embed": h(50, 64), "layers.0.wq": h(64, 64), "layers.0.wk": h(32, 64),
+                      "layers.0.wv": h(32, 64), "layers.0.wo": h(64, 64), "layers.0.ffn.w1": h(96, 64),
+                      "layers.1.wq": h(24, 64), "layers.1.wk": h(8, 64), "layers.1.wv": h(8, 64),
+                      "layers.0.router": h(4, 64)})
+    before = {k: v.clone() for k, v in dense.items()}
+    nbytes = dense_nbytes(dense)
+    out = block_float16_matrices(dense)
+    assert isinstance(out["layers.0.wqkv"], Float16Blocks) and isinstance(out["layers.0.wo"], Float16Blocks)
+    assert isinstance(out["layers.0.ffn.w1"], Float16Blocks)
+    for n in ("wq", "wk", "wv"):
+        assert out[f"layers.0.{n}"].blocks.data_ptr() >= out["layers.0.wqkv"].blocks.data_ptr()
+        assert torch.equal(unblock_float16(out[f"layers.0.{n}"]), before[f"layers.0.{n}"])
+    for n in ("embed", "layers.0.router", "layers.1.wqkv", "layers.1.wq"):
+        assert isinstance(out[n], torch.Tensor) and torch.equal(out[n], before[n])
+    assert dense_nbytes(out) == nbytes

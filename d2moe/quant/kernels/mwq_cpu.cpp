@@ -455,6 +455,31 @@ int mwq_f16_linear(const uint16_t* w, int64_t N, int64_t K, const float* x, int6
 #endif
 }
 
+// y [T, N] = x [T, K] @ w^T for a blocked fp16 matrix (mwq_f16_dense.h f16_block; blocks [ceil(N/16)][K][16],
+// rows past N zero); K % 2 == 0. Blocks are split over threads; each block's bytes stream once per 8 tokens,
+// and the next ones are prefetched into L2 (left to the hardware prefetcher one token streamed far below DRAM
+// speed, as in mwq_octets.h).
+int mwq_f16_blocks_linear(const uint16_t* w, int64_t N, int64_t K, const float* x, int64_t T, float* y,
+                          int nthreads) {
+#if defined(__AVX512F__)
+    if (K % 2 != 0 || T < 1) return -1;
+    const int64_t nb = (N + 15) / 16, bytes = 32 * K;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint16_t* blk = w + b * 16 * K;
+        const int rows = (int)std::min<int64_t>(16, N - b * 16);
+        int64_t t = 0;
+        for (; T - t >= 8; t += 8) f16_block<8>(blk, K, x + t * K, y + t * N + b * 16, N, rows);
+        for (; T - t >= 4; t += 4) f16_block<4>(blk, K, x + t * K, y + t * N + b * 16, N, rows);
+        for (; t < T; ++t) f16_block<1>(blk, K, x + t * K, y + t * N + b * 16, N, rows);
+    }
+    return 0;
+#else
+    (void)w, (void)N, (void)K, (void)x, (void)T, (void)y, (void)nthreads;
+    return -1;
+#endif
+}
+
 // Decode rows' attention in one call: row i is one new token of the sequence in cache slot slots[i] at
 // position positions[i] (models/layers.py `attention` for one token, models/ragged.py for a step of decode
 // rows). Its q and k of qkv [n, (nH + 2 nKV) D] are rotated as Rope.rotate does (x cos + roll(x, D/2)
