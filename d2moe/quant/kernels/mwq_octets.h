@@ -1,4 +1,5 @@
-// Octets: the msb int16 kernel (1..16 tokens, any width) and the byte-code layout it reads.
+// Octets: the msb int16 kernel (any width; planes up to kGfniMaxTokens tokens, byte codes any count) and the
+// byte-code layout it reads.
 //
 // The kernel takes 16 output rows at a time, as two octets (8 rows each). An octet's 8-bit msb codes are
 // 512-byte chunks of 64 columns; a chunk is 8 units of 64 bytes, and each half of a unit is one group of 4
@@ -18,7 +19,8 @@
 //
 // Byte codes (MwqMat.codes) are held in this layout, in the memory the planes took (mwq_common.h code_row:
 // out % 64 == 0, a plane holds out/8 rows; octets paired chunk by chunk; offsets and scales in lane order).
-// Planes are turned into the same chunks on the fly (GFNI codes, then the transpose) in a 1 KB scratch.
+// Planes are turned into the same chunks on the fly (GFNI codes of 16 whole rows into a per-thread scratch of
+// 16 x in bytes, then the transpose per chunk into 1 KB).
 #pragma once
 
 #include "mwq_int16.h"
