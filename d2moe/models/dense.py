@@ -197,12 +197,11 @@ def float16_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def block_float16(w: torch.Tensor) -> Float16Blocks:
-    """fp16 [rows, in] -> its blocks (a copy)."""
+    """fp16 [rows, in] -> its blocks in new memory, any row count (the last block padded with zero rows)."""
     rows, n_in = w.shape
-    nb = -(-rows // BLOCK_ROWS)
-    padded = torch.zeros(nb * BLOCK_ROWS, n_in, dtype=w.dtype)
+    padded = torch.zeros(-(-rows // BLOCK_ROWS) * BLOCK_ROWS, n_in, dtype=w.dtype)
     padded[:rows] = w
-    return Float16Blocks(padded.view(nb, BLOCK_ROWS, n_in).transpose(1, 2).contiguous(), rows)
+    return Float16Blocks(block_float16_in_place(padded).blocks, rows)
 
 
 def block_float16_in_place(w: torch.Tensor) -> Float16Blocks:
@@ -244,7 +243,6 @@ def block_float16_matrices(dense: dict[str, DenseWeight]) -> dict[str, DenseWeig
     `Float16Blocks` in their own memory (the fused q|k|v once, its q, k, v views of it where they fall on
     16-row blocks; matrices whose rows are not a multiple of 16 are left). Embeddings, heads, routers and
     anything not in BLOCKED_MATRICES keep their rows."""
-    out = dense
     for name in list(dense):
         w = dense[name]
         last = name.rsplit(".", 1)[-1]
@@ -256,21 +254,15 @@ def block_float16_matrices(dense: dict[str, DenseWeight]) -> dict[str, DenseWeig
         if last in ("wq", "wk", "wv") and isinstance(dense.get(p + "wqkv"), torch.Tensor):
             continue  # views of the fused matrix: done with it below
         if last != "wqkv":
-            out[name] = block_float16_in_place(w)
+            dense[name] = block_float16_in_place(w)
             continue
-        parts = [dense.get(p + n) for n in ("wq", "wk", "wv")]
-        bounds, a = [], 0
-        for t in parts:
-            bounds.append((a, a + t.shape[0]) if t is not None else None)
-            a += t.shape[0] if t is not None else 0
-        if any(bd is None or bd[0] % BLOCK_ROWS for bd in bounds) or a != w.shape[0]:
+        ends = torch.tensor([dense[p + n].shape[0] for n in ("wq", "wk", "wv")]).cumsum(0).tolist()  # fuse_qkv's
+        if any(e % BLOCK_ROWS for e in ends[:2]):
             continue  # q|k|v not on block boundaries: the layer keeps its rows (views share them)
-        fused = block_float16_in_place(w)
-        out[name] = fused
-        for n, (lo, hi) in zip(("wq", "wk", "wv"), bounds):
-            out[p + n] = fused.rows(lo, hi)
-        del w, parts
-    return out
+        dense[name] = fused = block_float16_in_place(w)
+        for n, lo, hi in zip(("wq", "wk", "wv"), [0, *ends[:2]], ends):
+            dense[p + n] = fused.rows(lo, hi)
+    return dense
 
 
 # ---- embedding ----------------------------------------------------------------------------------------------

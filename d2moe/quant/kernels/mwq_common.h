@@ -71,6 +71,15 @@ inline int64_t lane_index(int64_t r, int64_t G, int64_t g) {
     return (r - i) * G + g * 16 + (i < 8 ? 2 * i : 2 * (i - 8) + 1);
 }
 
+// Row r's offsets then base scales ([2][G] fp16, row order) from a byte-code matrix's lane order.
+inline void row_scalars_of_codes(const MwqMat& m, int64_t r, uint16_t* h) {
+    const int64_t G = m.in / m.group_size;
+    for (int64_t g = 0; g < G; ++g) {
+        h[g] = m.offset[lane_index(r, G, g)];
+        h[G + g] = m.base_scale[lane_index(r, G, g)];
+    }
+}
+
 // Per row: z' [G] and the `bits` coefficients [bits][G] (b0, b1, planes 3..bits) of the masked adds:
 // coef = s2, 2*s2, 2*s_i;  z' = z - sum_i s_i.  Plane-major loops over contiguous groups.
 // `s2_only` (msb int16 kernel): only coef[0..G) = s2 and z' = z - s2 * (1/2 - 2^(1-bits)).
@@ -79,10 +88,7 @@ inline void row_coefficients(const MwqMat& m, int bits, int64_t r, float* zc, fl
     if (m.codes) {  // lane order (see lane_index): the row's halves gathered, then the same arithmetic
         thread_local std::vector<uint16_t> h;
         h.resize(2 * G);
-        for (int64_t g = 0; g < G; ++g) {
-            h[g] = m.offset[lane_index(r, G, g)];
-            h[G + g] = m.base_scale[lane_index(r, G, g)];
-        }
+        row_scalars_of_codes(m, r, h.data());
         MwqMat v = m;
         v.codes = 0, v.offset = h.data(), v.base_scale = h.data() + G;
         row_coefficients(v, bits, 0, zc, coef, s2_only);
@@ -174,14 +180,21 @@ inline bool octet_paired(const MwqMat& m, int64_t o) {
     return 8 * p < m.out && code_segment(m, 8 * o) == code_segment(m, 8 * p);
 }
 
+// Where octet o's chunks go: its run starts at row `row` of its segment, its first chunk `offset` bytes in,
+// and `stride` bytes from one chunk to the next (a pair's run starts at the even octet's first row).
+struct OctetPlace {
+    int64_t row, offset, stride;
+};
+inline OctetPlace octet_place(const MwqMat& m, int64_t o) {
+    if (!octet_paired(m, o)) return {8 * o, 0, kChunkBytes};
+    return {8 * (o & ~int64_t(1)), (o & 1) * kChunkBytes, 2 * kChunkBytes};
+}
+
 // Octet o's first chunk, and the bytes from one of its chunks to the next.
 inline const uint8_t* octet_chunks(const MwqMat& m, int64_t o, int64_t& stride) {
-    if (!octet_paired(m, o)) {
-        stride = kChunkBytes;
-        return code_row(m, 8 * o);
-    }
-    stride = 2 * kChunkBytes;
-    return code_row(m, 8 * (o & ~int64_t(1))) + (o & 1) * kChunkBytes;
+    const OctetPlace at = octet_place(m, o);
+    stride = at.stride;
+    return code_row(m, at.row) + at.offset;
 }
 
 // Row r's codes, row-major (in bytes): the portable way back (float decode, planes for the float kernels).
@@ -212,10 +225,7 @@ inline MwqMat planes_of_code_row(const MwqMat& m, int64_t r, uint8_t* tmp) {
     }
     MwqMat v{};
     uint16_t* h = reinterpret_cast<uint16_t*>(tmp + 2 * m.in);  // the row's scalars, row order
-    for (int64_t g = 0; g < G; ++g) {
-        h[g] = m.offset[lane_index(r, G, g)];
-        h[G + g] = m.base_scale[lane_index(r, G, g)];
-    }
+    row_scalars_of_codes(m, r, h);
     v.offset = h;
     v.base_scale = h + G;
     v.base = pl;

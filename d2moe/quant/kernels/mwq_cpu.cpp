@@ -163,7 +163,7 @@ struct RowWork {
             for (int tt : {8, 4, 2, 1})
                 for (; T - t >= tt; t += tt) {
                     const QuantX qt{qx->x16 + t * m.in, qx->sx + t * G, qx->xs + t * G};
-                    octets[tt](m, r, (int)n, lane_unit.data(), lane_zc.data(), qt, 0, y + t * ldy, ldy);
+                    octets[tt](m, r, (int)n, lane_unit.data(), lane_zc.data(), qt, y + t * ldy, ldy);
                 }
             return;
         }
@@ -208,20 +208,16 @@ const QuantX* maybe_quantize(QuantBuffers& buf, QuantX& view, const MwqMat& m, i
 // shape (out % 64 == 0, in % 64 == 0) and that this build has the code kernels.
 void planes_to_codes(MwqMat& m) {
     std::vector<uint8_t> codes(m.out * m.in);  // row r's place at r * in, as if the segments were one array
-    MwqMat view = m;
-    view.codes = 1;
 #if defined(__GFNI__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
     for (int64_t o = 0; o < m.out / 8; ++o) {
         const uint8_t* pl[8][8];
         for (int i = 0; i < 8; ++i) row_planes(m, 8, 8 * o + i, pl[i]);
-        const bool paired = octet_paired(view, o);  // see octet_chunks in mwq_common.h
-        const int64_t stride = paired ? 2 * kChunkBytes : kChunkBytes;
-        uint8_t* dst = paired ? codes.data() + 8 * (o & ~int64_t(1)) * m.in + (o & 1) * kChunkBytes
-                              : codes.data() + 8 * o * m.in;
+        const OctetPlace at = octet_place(m, o);
+        uint8_t* dst = codes.data() + at.row * m.in + at.offset;
         for (int64_t c = 0; c < m.in / 64; ++c) {
             __m512i rows[8];
             for (int i = 0; i < 8; ++i) rows[i] = msb_codes64<8>(pl[i], c * 8);
-            rows_to_octet_chunk(rows, dst + c * stride);
+            rows_to_octet_chunk(rows, dst + c * at.stride);
         }
     }
 #endif  // (else unreachable: mwq_to_codes refuses builds without the code kernels)

@@ -27,6 +27,9 @@
 
 namespace {
 
+// One matrix's 16-row block for one token tile (rows from r0; how many; lane coefficients; activations; y, ldy).
+using OctetsDot = void (*)(const MwqMat&, int64_t, int, const float*, const float*, const QuantX&, float*, int64_t);
+
 #if defined(__GFNI__) && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
 // 8 rows' codes of one 64-column chunk (row-major: dword j = columns 4j..4j+3) -> the octet chunk (512 bytes).
 // Dword unpacks pair rows, qword unpacks make 4-row groups per 128-bit lane, and one two-source qword
@@ -176,13 +179,9 @@ void octets_dot(Src& src, const MwqMat& m, const float* unit, const float* zc, c
     for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + t * ldy, keep, _mm512_permutexvar_ps(rows_of_lanes, out[t]));
 }
 
-// One matrix's 16-row block for T tokens (tiles of 8, 4, 2, 1), from byte codes or planes.
-using OctetsDot = void (*)(const MwqMat&, int64_t, int, const float*, const float*, const QuantX&, int64_t, float*,
-                           int64_t);
-
 template <int NP, int TT>
 void octets_block(const MwqMat& m, int64_t r0, int rows, const float* unit, const float* zc, const QuantX& q,
-                  int64_t, float* y, int64_t ldy) {
+                  float* y, int64_t ldy) {
     if (m.codes) {
         CodeChunks src{};
         src.a = octet_chunks(m, r0 / 8, src.sa);
@@ -230,12 +229,6 @@ inline void octet_lanes_of_codes(const MwqMat& m, int bits, int64_t r0, float* u
         _mm512_storeu_ps(unit + g * 16, _mm512_mul_ps(s2, _mm512_set1_ps(1.f / 64.f)));
         _mm512_storeu_ps(zc + g * 16, _mm512_fnmadd_ps(s2, tail, z));
     }
-    // the next block's: otherwise each block would start with two DRAM misses in a row
-    if (r0 + 16 < m.out)
-        for (int64_t off = 0; off < 16 * G; off += 32) {
-            _mm_prefetch((const char*)(m.base_scale + (r0 + 16) * G + off), _MM_HINT_T0);
-            _mm_prefetch((const char*)(m.offset + (r0 + 16) * G + off), _MM_HINT_T0);
-        }
 }
 
 // The block's per-lane coefficients (see octets_dot) from each row's z' and s2 ([G] each, row-major [16][G]).
@@ -252,8 +245,6 @@ inline void octet_lanes(const float* zc_rows, const float* s2_rows, int64_t G, i
     }
 }
 #else
-using OctetsDot = void (*)(const MwqMat&, int64_t, int, const float*, const float*, const QuantX&, int64_t, float*,
-                           int64_t);
 OctetsDot octets_for(int, int) { return nullptr; }
 inline void octet_lanes(const float*, const float*, int64_t, int, float*, float*) {}
 inline void octet_lanes_of_codes(const MwqMat&, int, int64_t, float*, float*) {}
