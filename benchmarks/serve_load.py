@@ -75,11 +75,15 @@ def running_server(cmd: list[str], base: str, tries: int = 600) -> Iterator[subp
             proc.kill()
 
 
-def level_line(name: str, res: dict) -> str:
-    """One concurrency level's result as a line."""
+def level_line(name: str, res: dict, ref: dict | None = None) -> str:
+    """One concurrency level's result as a line (with `ref`, the steady p99 TTFT over the unloaded p99)."""
     bad = "" if res["bad_input_all_4xx"] is None else f", bad input 4xx: {res['bad_input_all_4xx']}"
+    steady = ""
+    if (st := res.get("ttft_steady_s")) and st[99] is not None:
+        ratio = f" = {st[99] / ref['ttft_s'][99]:.1f}x unloaded" if ref else ""
+        steady = f" (steady p50 {st[50]:.2f}s p99 {st[99]:.2f}s{ratio})"
     return (f"{name}concurrency {res['concurrency']:2d}: {res['aggregate_tok_per_s']:7.1f} tok/s, TTFT p50 "
-            f"{res['ttft_s'][50]:.2f}s p99 {res['ttft_s'][99]:.2f}s, ITL p50 {res['itl_ms'][50]} ms p99 "
+            f"{res['ttft_s'][50]:.2f}s p99 {res['ttft_s'][99]:.2f}s{steady}, ITL p50 {res['itl_ms'][50]} ms p99 "
             f"{res['itl_ms'][99]} ms, ok {res['ok']}/{res['requests']}{bad}")
 
 
@@ -106,7 +110,9 @@ TIERS = [None, "high", "balanced", "fast"]  # the soak's requests cycle through 
 
 
 async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int, tier: str | None = None) -> dict:
-    body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": max_tokens,
+    # every request's message is its own (a server's prefix cache may share only the template's system prompt)
+    content = f"{PROMPTS[i % len(PROMPTS)]} (request {i})"
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, **({"tier": tier} if tier else {})}
     t0 = time.perf_counter()
     stamps: list[float] = []
@@ -140,10 +146,42 @@ async def bad_requests(client: httpx.AsyncClient) -> list[int]:
 FRESH_CONNECTIONS = httpx.Limits(max_keepalive_connections=0)
 
 
-async def level(base: str, concurrency: int, per_client: int, max_tokens: int, with_bad: bool = True) -> dict:
+UNLOADED_IDS = 100_000  # request numbers of the unloaded reference (a level's are 1000 x its concurrency + ...)
+
+
+async def unloaded(base: str, requests: int, max_tokens: int) -> dict:
+    """Time to first token of one request at a time on an otherwise idle, warm server (one request first to
+    warm it): the reference the loaded percentiles are compared with."""
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=FRESH_CONNECTIONS) as client:
+        await one_request(client, UNLOADED_IDS, max_tokens)
+        runs = []
+        for i in range(requests):
+            t0 = time.perf_counter()
+            runs.append({**await one_request(client, UNLOADED_IDS + 1 + i, max_tokens), "wall": time.perf_counter() - t0})
+    ttft = [r["ttft"] for r in runs if r.get("ttft") is not None]
+    walls = sorted(r["wall"] for r in runs)
+    return {"requests": requests, "ttft_s": _percentiles(ttft), "request_s": walls[len(walls) // 2]}
+
+
+def _percentiles(xs: list[float]) -> dict[int, float | None]:
+    return {p: percentile(xs, p) for p in (50, 90, 99)}
+
+
+async def level(base: str, concurrency: int, per_client: int, max_tokens: int, with_bad: bool = True,
+                ramp: float = 0.0) -> dict:
+    """`concurrency` clients, each sending `per_client` requests one after the other. With `ramp` > 0 client w
+    starts at w * ramp / concurrency, and `ttft_steady_s` covers the requests sent once every client runs
+    (the load's steady state); `ttft_s` always covers every request (ramp 0: all clients start at once, a
+    burst whose last first token waits for every prompt's prefill)."""
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=FRESH_CONNECTIONS) as client:
         async def worker(w: int) -> list[dict]:
-            return [await one_request(client, w * per_client + k, max_tokens) for k in range(per_client)]
+            await asyncio.sleep(w * ramp / concurrency)
+            out = []
+            for k in range(per_client):
+                sent = time.perf_counter() - t0
+                out.append({**await one_request(client, 1000 * concurrency + w * per_client + k, max_tokens),
+                            "sent": sent})
+            return out
 
         t0 = time.perf_counter()
         results, bad = await asyncio.gather(asyncio.gather(*(worker(w) for w in range(concurrency))),
@@ -152,13 +190,15 @@ async def level(base: str, concurrency: int, per_client: int, max_tokens: int, w
     flat = [r for rs in results for r in rs]
     ok = [r for r in flat if r["status"] == 200]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    steady = [r["ttft"] for r in ok if r["ttft"] is not None and r["sent"] >= ramp] if ramp > 0 else []
     itl = [x for r in ok for x in r["itl"]]
     tokens = sum(r["tokens"] for r in ok)
     return {
         "concurrency": concurrency, "requests": len(flat), "ok": len(ok),
         "rejected": sorted({r["status"] for r in flat if r["status"] != 200}),
         "aggregate_tok_per_s": round(tokens / wall, 2), "wall_s": round(wall, 2),
-        "ttft_s": {p: percentile(ttft, p) for p in (50, 90, 99)},
+        "ttft_s": _percentiles(ttft), "ramp_s": ramp,
+        **({"ttft_steady_s": _percentiles(steady), "steady_requests": len(steady)} if ramp > 0 else {}),
         "itl_ms": {p: (None if (v := percentile(itl, p)) is None else round(1e3 * v, 2)) for p in (50, 90, 99)},
         "bad_input_codes": bad, "bad_input_all_4xx": all(400 <= c < 500 for c in bad) if with_bad else None,
     }
@@ -193,13 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="load test of d2moe serve")
     ap.add_argument("--model", default=str(default_model_dir()))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
-    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--ramp", type=float, default=None,
+                    help="seconds over which the clients start (default: one unloaded request's duration; 0: all "
+                         "at once, a burst)")
+    ap.add_argument("--unloaded-requests", type=int, default=8, help="warm single requests for the reference TTFT")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--soak", type=int, default=0, help="instead of the levels: this many requests from 32 clients")
     ap.add_argument("--memory-budget", default=None, help="the server's --memory-budget")
+    ap.add_argument("--prefix-cache", default=None, help="the server's --prefix-cache (default: its default)")
     ap.add_argument("--request-timeout", type=float, default=300.0, help="a request unanswered this long is a hang")
     ap.add_argument("--out", default=None, help="default results/serve_load.json (--soak: results/serve_soak.json)")
     args = ap.parse_args(argv)
@@ -208,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "d2moe.cli", "serve", "--model", args.model, "--port", str(port), "--threads",
            str(args.threads), "--max-batch", str(args.max_batch), "--context", str(args.context)]
     cmd += ["--memory-budget", args.memory_budget] if args.memory_budget else []
+    cmd += ["--prefix-cache", args.prefix_cache] if args.prefix_cache is not None else []
     base = f"http://127.0.0.1:{port}"
     with running_server(cmd, base) as proc:
         rss = PeakRss(proc.pid)
@@ -225,15 +271,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"budget {args.memory_budget})")
             write_result(out_path, "serve_soak", res)
             return 0
+        ref = asyncio.run(unloaded(base, args.unloaded_requests, args.max_tokens))
+        ramp = ref["request_s"] if args.ramp is None else args.ramp
+        print(f"unloaded: TTFT p50 {ref['ttft_s'][50]:.3f}s p99 {ref['ttft_s'][99]:.3f}s over "
+              f"{ref['requests']} warm requests, one request {ref['request_s']:.2f}s; clients start over {ramp:.2f}s")
         levels = []
         for c in args.concurrency:
-            res = asyncio.run(level(base, c, args.requests_per_client, args.max_tokens))
+            res = asyncio.run(level(base, c, args.requests_per_client, args.max_tokens, ramp=ramp))
             levels.append(res)
-            print(level_line("", res))
+            print(level_line("", res, ref))
         metrics = httpx.get(base + "/metrics").text
         rss.stop.set()
         result = {"max_tokens": args.max_tokens, "max_batch": args.max_batch, "threads": args.threads,
-                  "levels": levels, "peak_rss_bytes": rss.peak, "rss_at_start_bytes": idle,
+                  "unloaded": ref, "levels": levels, "peak_rss_bytes": rss.peak, "rss_at_start_bytes": idle,
                   "metrics": [ln for ln in metrics.splitlines() if ln and not ln.startswith("#")]}
         print(f"server peak RSS {rss.peak / 2**20:.0f} MiB")
         write_result(out_path, "serve_load", result)
