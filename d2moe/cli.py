@@ -49,13 +49,15 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _engine(args: argparse.Namespace, context: int, step_tokens: int, full_logits: bool = False, kv_slots: int = 1):
+def _engine(args: argparse.Namespace, context: int, step_tokens: int, full_logits: bool = False, kv_slots: int = 1,
+            prefix_cache: int = 0):
     from d2moe.config import EngineConfig
 
     return EngineConfig(
         memory_budget=_budget(args.memory_budget),
         context=context,
         kv_slots=kv_slots,
+        prefix_cache=prefix_cache,
         step_tokens=step_tokens,
         full_logits=full_logits,
         policy=args.policy,
@@ -313,7 +315,8 @@ def _serving(args: argparse.Namespace):
     store = load_store_config(path)
     context = min(args.context, store.model.max_position)
     batcher = BatcherConfig(args.max_batch, args.prefill_chunk, max(args.prefill_chunk + args.max_batch, 1))
-    engine = _engine(args, context, batcher.max_step_tokens, kv_slots=args.max_batch)
+    prefix = context if args.prefix_cache is None else args.prefix_cache
+    engine = _engine(args, context, batcher.max_step_tokens, kv_slots=args.max_batch, prefix_cache=prefix)
     return path, engine, batcher
 
 
@@ -428,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens per sequence, prompt + answer (default 2048, at most the model's)")
         sp.add_argument("--prefill-chunk", type=_positive, default=128,
                         help="prompt tokens per step and sequence: long prompts cannot starve decoding")
+        sp.add_argument("--prefix-cache", type=_non_negative, default=None, metavar="TOKENS",
+                        help="KV positions kept for prompt beginnings later requests share (system prompt, earlier "
+                             "turns), inside the memory budget (default: the context; 0: off)")
         if max_batch:
             sp.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together (default 8)")
 

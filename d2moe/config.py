@@ -258,6 +258,8 @@ class EngineConfig:
     )
     context: int = field(default=2048, metadata={"help": "tokens of KV cache reserved (prompt + generated)"})
     kv_slots: int = field(default=1, metadata={"help": "sequences served at once, each with `context` positions"})
+    prefix_cache: int = field(default=0, metadata={"help": "KV positions kept for prompt prefixes other requests "
+                                                           "reuse (engine/prefix_cache.py); 0: none"})
     step_tokens: int = field(default=512, metadata={"help": "most tokens one forward step runs (scratch size)"})
     full_logits: bool = field(default=False, metadata={"help": "steps return logits for every token (eval)"})
     policy: str = field(
@@ -280,5 +282,7 @@ class EngineConfig:
         policy_spec(self.policy)  # a clear error for an unknown name
         if self.context < 1 or self.step_tokens < 1 or self.loader_threads < 1 or self.kv_slots < 1:
             raise ValueError("context, kv_slots, step_tokens and loader_threads must be at least 1")
+        if self.prefix_cache < 0:
+            raise ValueError("prefix_cache must be >= 0")
         if self.max_wait is not None and self.max_wait < 0:
             raise ValueError("max_wait must be >= 0")

@@ -4,18 +4,21 @@ Contract (vLLM-like, small): `add` queues a sequence, `schedule()` returns the n
 runs it, `update` appends the sampled tokens and finishes sequences, `abort` drops one at any time. A
 sequence holds a KV slot from admission to its end; new sequences are admitted between steps whenever a
 slot is free. A step runs one token of every decoding sequence plus prompt chunks: a long prompt is
-prefilled a chunk per step, so it cannot starve the others' decoding. Chunk boundaries are fixed
-(multiples of `prefill_chunk` from the prompt's start), which keeps a sequence's computation the same
-whatever it is batched with (models/ragged.py).
+prefilled in chunks within a step's token budget, so it cannot starve the others' decoding. Chunk
+boundaries are a function of the prompt alone (multiples of `prefill_chunk` from its start, and before each
+token of `split_tokens`: engine/prefix_cache.py `chunk_ends`), which keeps a sequence's computation the same
+whatever it is batched with (models/ragged.py) and lets a prefix cache hand over whole chunks.
 
 (Not "scheduler": in d2moe that word means HEBF I/O ordering.)
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 
+from d2moe.engine.prefix_cache import PrefixCache, chain_keys, chunk_ends, policy_key
 from d2moe.engine.request import EngineRequest
 from d2moe.models.ragged import KVPool
 
@@ -25,6 +28,8 @@ class BatcherConfig:
     max_batch: int = 8  # sequences running at once (= KV slots)
     prefill_chunk: int = 128  # prompt tokens per chunk
     max_step_tokens: int = 256  # rows per step: decode tokens + prompt chunks (at least one chunk runs)
+    split_tokens: frozenset[int] = frozenset()  # a chunk also ends before each of these (chat turn marks)
+    multi_chunk: bool = True  # several chunks of one prompt in a step (not with sliding-window rings)
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.prefill_chunk, self.max_step_tokens) < 1:
@@ -40,6 +45,8 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
+    ends: list[int] = field(default_factory=list)  # where the prompt's prefill chunks end
+    keys: list[bytes] | None = None  # each chunk's prefix-cache key (None: not cached)
 
     @property
     def prompt_len(self) -> int:
@@ -61,6 +68,7 @@ class Chunk:
     decode: bool
     sample: bool  # the last row's logits pick the next token (a decode token, or a prompt's last chunk)
     all_logits: bool  # every row's logits are reported (prompt logprobs)
+    cache_key: bytes | None = None  # the prefix cache keeps this chunk's keys and values under it
 
 
 @dataclass(frozen=True)
@@ -73,8 +81,8 @@ class Batch:
 
 
 class Batcher:
-    def __init__(self, config: BatcherConfig, pool: KVPool) -> None:
-        self.config, self.pool = config, pool
+    def __init__(self, config: BatcherConfig, pool: KVPool, prefix: PrefixCache | None = None) -> None:
+        self.config, self.pool, self.prefix = config, pool, prefix
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}  # admitted, in admission order
 
@@ -85,6 +93,9 @@ class Batcher:
         if len(r.prompt_ids) + r.max_tokens > self.pool.max_len:
             raise ValueError(f"prompt ({len(r.prompt_ids)} tokens) + max_tokens ({r.max_tokens}) exceeds the "
                              f"context ({self.pool.max_len} tokens)")
+        seq.ends = chunk_ends(r.prompt_ids, self.config.prefill_chunk, self.config.split_tokens)
+        if self.prefix is not None and not r.prompt_logprobs:  # scoring needs every prompt row's logits
+            seq.keys = chain_keys(r.prompt_ids, seq.ends, policy_key(r.bits, r.price))
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -95,6 +106,10 @@ class Batcher:
             seq = self.waiting.popleft()
             seq.slot = self.pool.allocate()
             self.running[seq.id] = seq
+            if self.prefix is not None and seq.keys:
+                n = self.prefix.match(seq.keys, seq.ends, seq.prompt_len)
+                if n:
+                    seq.computed = self.prefix.restore(seq.keys[:n], self.pool, seq.slot)
 
     def schedule(self) -> Batch | None:
         """The next step's chunks, or None when there is nothing to run."""
@@ -106,18 +121,25 @@ class Batcher:
                 decode.append(Chunk(seq.id, seq.slot, seq.computed, (seq.output[-1],), True, True,
                                     False))
         budget -= len(decode)
-        C = self.config.prefill_chunk
+        full = False
         for seq in self.running.values():
             if not seq.prefilling:
                 continue
-            end = min(seq.prompt_len, (seq.computed // C + 1) * C)
-            n = end - seq.computed
-            if prefill and n > budget:
-                break  # first come, first prefilled; at least one chunk per step
-            r = seq.request
-            prefill.append(Chunk(seq.id, seq.slot, seq.computed, tuple(r.prompt_ids[seq.computed:end]), False,
-                                 end == seq.prompt_len, r.prompt_logprobs))
-            budget -= n
+            r, pos = seq.request, seq.computed
+            for i in range(bisect_right(seq.ends, pos), len(seq.ends)):
+                end = seq.ends[i]
+                if prefill and end - pos > budget:
+                    full = True  # first come, first prefilled; at least one chunk per step
+                    break
+                prefill.append(Chunk(seq.id, seq.slot, pos, tuple(r.prompt_ids[pos:end]), False,
+                                     end == seq.prompt_len, r.prompt_logprobs,
+                                     None if seq.keys is None else seq.keys[i]))
+                budget -= end - pos
+                pos = end
+                if not self.config.multi_chunk:
+                    break
+            if full:
+                break
         chunks = tuple(decode + prefill)
         return Batch(chunks) if chunks else None
 

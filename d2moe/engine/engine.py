@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from d2moe.engine.batcher import Batcher, BatcherConfig, Sequence
 from d2moe.engine.detok import Detokenizer
 from d2moe.engine.model import LoadedModel
+from d2moe.engine.prefix_cache import PrefixCache
 from d2moe.engine.request import EngineRequest, RequestOutput
 from d2moe.engine.runner import Runner
 from d2moe.models.ragged import KVPool
@@ -37,6 +38,11 @@ class EngineStats:
         return sum(n for _, n in pts) / span
 
 
+def special_tokens(tokenizer) -> frozenset[int]:
+    """Ids of the tokenizer's special added tokens (a chat template's turn marks, end of text)."""
+    return frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+
+
 class Engine:
     def __init__(self, model: LoadedModel, config: BatcherConfig, context: int,
                  padded_attention: bool = False) -> None:
@@ -44,7 +50,15 @@ class Engine:
         self.tokenizer = model.require_tokenizer()
         self.context = min(context, model.config.max_position)
         self.pool = KVPool(model.config, config.max_batch, self.context)
-        self.batcher = Batcher(config, self.pool)
+        cfg = model.config
+        rings = bool(cfg.sliding_layers or cfg.chunked_layers)
+        positions = 0 if rings else model.engine.prefix_cache
+        self.prefix = PrefixCache(positions) if positions else None
+        # chunks also end at the chat template's special tokens (turn starts and ends): prompts then share
+        # whole chunks up to their first different turn. Ring layers take one chunk of a prompt per step.
+        splits = frozenset() if rings else config.split_tokens | special_tokens(self.tokenizer)
+        config = replace(config, split_tokens=splits, multi_chunk=config.multi_chunk and not rings)
+        self.batcher = Batcher(config, self.pool, self.prefix)
         layout = model.reader.config.layout
         widths = range(2, model.reader.max_bits + 1)
         self.runner = Runner(model.decoder, self.pool, padded_attention, {b: layout.prefix_bytes(b) for b in widths})
@@ -94,12 +108,16 @@ class Engine:
         t0 = time.perf_counter()
         seqs = dict(self.batcher.running)
         result = self.runner.step(batch, seqs)
+        if self.prefix is not None:
+            for c in batch.chunks:
+                if c.cache_key is not None:
+                    self.prefix.store(c.cache_key, self.pool, c.slot, c.start, c.start + len(c.tokens))
         before = {i: len(s.output) for i, s in seqs.items()}
         done = {s.id for s in self.batcher.update(batch, result.sampled, self.model.eos_ids)}
         outs: list[RequestOutput] = []
         generated = 0
-        for c in batch.chunks:
-            seq = seqs[c.seq_id]
+        for seq_id in dict.fromkeys(c.seq_id for c in batch.chunks):  # a prompt may run several chunks
+            seq = seqs[seq_id]
             out = RequestOutput(seq.id, prompt_tokens=seq.prompt_len)
             if seq.id in result.prompt_logprobs:
                 out.prompt_logprobs = result.prompt_logprobs[seq.id]
@@ -123,7 +141,7 @@ class Engine:
                 outs.append(out)
         self.stats.steps += 1
         self.stats.step_seconds += time.perf_counter() - t0
-        self.stats.last_batch_size = len(batch.chunks)
+        self.stats.last_batch_size = len({c.seq_id for c in batch.chunks})
         self.stats.generation_tokens += generated
         self.stats.recent.append((time.monotonic(), generated))
         if len(self.stats.recent) > 4096:

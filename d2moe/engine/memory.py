@@ -32,6 +32,13 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
     return batch * heads * positions * (k_dim + v_dim) * F32
 
 
+def prefix_cache_bytes(cfg: ModelConfig, positions: int) -> int:
+    """The prefix cache's keys and values (engine/prefix_cache.py); models with sliding-window rings keep none."""
+    if not positions or cfg.sliding_layers or cfg.chunked_layers:
+        return 0
+    return kv_cache_bytes(cfg, positions)
+
+
 def scratch_bytes(cfg: ModelConfig, step_tokens: int, context: int, full_logits: bool) -> int:
     """Upper estimate of one step's live activations (fp32): residual stream and attention, attention
     scores when materialised, the MoE block's per-expert activations, the logits, and for long steps two
@@ -58,6 +65,7 @@ class MemoryPlan:
     budget: int
     dense: int
     kv_cache: int
+    prefix_cache: int
     scratch: int
     experts: int  # the expert cache arena
     minimum: int  # the smallest budget that runs this configuration
@@ -73,8 +81,9 @@ def plan_memory(cfg: ModelConfig, engine: EngineConfig, dense_bytes: int, layout
                 all_experts_bytes: int) -> MemoryPlan:
     """Split the budget, or raise BudgetError naming the minimum."""
     kv = kv_cache_bytes(cfg, engine.context, engine.kv_slots)
+    prefix = prefix_cache_bytes(cfg, engine.prefix_cache)
     scratch = scratch_bytes(cfg, engine.step_tokens, engine.context, engine.full_logits)
-    fixed = dense_bytes + kv + scratch
+    fixed = dense_bytes + kv + prefix + scratch
     one_layer = cfg.top_k * layout.slice_bytes(2)
     minimum = fixed + one_layer
     budget = engine.memory_budget if engine.memory_budget is not None else fixed + all_experts_bytes
@@ -83,7 +92,7 @@ def plan_memory(cfg: ModelConfig, engine: EngineConfig, dense_bytes: int, layout
         raise BudgetError(
             f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this model "
             f"and context: dense weights {format_size(dense_bytes)} + KV cache {format_size(kv)} "
-            f"({slots}{engine.context} tokens) + scratch {format_size(scratch)} + one layer's {cfg.top_k} experts at "
+            f"({slots}{engine.context} tokens){f' + prefix cache {format_size(prefix)}' if prefix else ''} + scratch {format_size(scratch)} + one layer's {cfg.top_k} experts at "
             f"2 bits {format_size(one_layer)}"
         )
-    return MemoryPlan(budget, dense_bytes, kv, scratch, budget - fixed, minimum)
+    return MemoryPlan(budget, dense_bytes, kv, prefix, scratch, budget - fixed, minimum)

@@ -94,7 +94,7 @@ class Runner:
                 entries = [TokenLogprob(r.prompt_ids[0], None)] if c.start == 0 else []
                 for i, t in enumerate(nxt):
                     entries.append(TokenLogprob(t, float(logp[i, t]), _top(logp[i], r.logprobs or 0)))
-                out.prompt_logprobs[seq.id] = entries
+                out.prompt_logprobs.setdefault(seq.id, []).extend(entries)  # chunks in order
             if not c.sample or r.max_tokens == 0:
                 continue
             last = lg[-1]

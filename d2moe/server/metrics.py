@@ -43,4 +43,14 @@ def render_metrics(engine: AsyncEngine) -> str:
           [("", model.expert_bytes_read())])
     _line(out, "d2moe_expert_widths_total", "counter", "(token, chosen expert) pairs computed at each width.",
           [(f'{{bits="{b}"}}', int(n)) for b, n in enumerate(hist) if n and b >= 2])
+    if e.prefix is not None:
+        p = e.prefix.stats
+        _line(out, "d2moe_prefix_cache_hits_total", "counter", "Prompts that reused cached prefix chunks.",
+              [("", p.hits)])
+        _line(out, "d2moe_prefix_cache_misses_total", "counter", "Prompts that found no cached prefix.",
+              [("", p.misses)])
+        _line(out, "d2moe_prefix_cache_reused_tokens_total", "counter",
+              "Prompt positions copied from the prefix cache instead of computed.", [("", p.reused_tokens)])
+        _line(out, "d2moe_prefix_cache_positions", "gauge", "KV positions the prefix cache holds.",
+              [("", e.prefix.used)])
     return "\n".join(out) + "\n"

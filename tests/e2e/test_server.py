@@ -4,6 +4,7 @@ batching invariance over HTTP, client disconnects, the bounded queue and the API
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -99,8 +100,31 @@ def test_metrics_and_health(server):
     text = httpx.get(server + "/metrics").text
     for name in ("d2moe_requests_total", "d2moe_generation_tokens_total", "d2moe_queue_depth", "d2moe_batch_size",
                  "d2moe_expert_cache_hit_rate", "d2moe_expert_bytes_read_total", "d2moe_tokens_per_second",
-                 "d2moe_expert_widths_total"):
+                 "d2moe_expert_widths_total", "d2moe_prefix_cache_hits_total"):
         assert f"# TYPE {name} " in text
+
+
+def _metric(base: str, name: str) -> int:
+    return int(re.search(rf"^{name} (\d+)$", httpx.get(base + "/metrics").text, re.M).group(1))
+
+
+def test_a_conversation_reuses_its_earlier_turns(server, stores):
+    """The second turn's prompt begins with the first's: its chunks come from the prefix cache, and the
+    answer is the one a cold server gives (the cache keeps exact bits)."""
+    c = client(server)
+    turn = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour"}]
+    first = c.chat.completions.create(model="tiny.d2m", messages=turn, max_tokens=6, temperature=0)
+    hits = _metric(server, "d2moe_prefix_cache_hits_total")
+    reused = _metric(server, "d2moe_prefix_cache_reused_tokens_total")
+    turn2 = turn + [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "And another one"}]
+    again = c.chat.completions.create(model="tiny.d2m", messages=turn2, max_tokens=6, temperature=0)
+    assert _metric(server, "d2moe_prefix_cache_hits_total") == hits + 1
+    assert _metric(server, "d2moe_prefix_cache_reused_tokens_total") > reused
+    with running_server(stores[0], "--context", "200", "--max-batch", "4", "--prefill-chunk", "16",
+                        "--prefix-cache", "0") as cold:
+        ref = client(cold).chat.completions.create(model="tiny.d2m", messages=turn2, max_tokens=6, temperature=0)
+    assert again.choices[0].message.content == ref.choices[0].message.content
 
 
 BAD = [

@@ -39,19 +39,30 @@ def test_admission_waits_for_a_free_slot_and_abort_frees_it():
     assert b.abort("missing") is None
 
 
-def test_prefill_in_fixed_chunks_then_decode():
-    b = batcher(max_batch=1, chunk=4, step=8)
+@pytest.mark.parametrize("multi", [False, True])
+def test_prefill_in_fixed_chunks_then_decode(multi):
+    b = Batcher(BatcherConfig(1, 4, 8, multi_chunk=multi), KVPool(CFG, 1, 64))
     b.add(seq(0, prompt_len=10, max_tokens=3))
-    starts = []
+    steps = []
     while True:
         batch = b.schedule()
-        (c,) = batch.chunks
-        if c.decode:
+        if batch.chunks[0].decode:
             break
-        starts.append((c.start, len(c.tokens), c.sample))
+        steps.append([(c.start, len(c.tokens), c.sample) for c in batch.chunks])
         b.update(batch, sampled(batch))
-    assert starts == [(0, 4, False), (4, 4, False), (8, 2, True)]
+    if multi:  # as many whole chunks as the step's 8 rows hold
+        assert steps == [[(0, 4, False), (4, 4, False)], [(8, 2, True)]]
+    else:
+        assert steps == [[(0, 4, False)], [(4, 4, False)], [(8, 2, True)]]
+    (c,) = batch.chunks
     assert c.start == 10 and c.tokens == (7,)  # the token sampled after the prompt is fed back
+
+
+def test_chunks_also_end_before_split_tokens():
+    b = Batcher(BatcherConfig(1, 16, 32, split_tokens=frozenset({9})), KVPool(CFG, 1, 64))
+    b.add(Sequence("0", EngineRequest((1,) * 10 + (9,) + (2,) * 3, 1)))
+    batch = b.schedule()
+    assert [(c.start, len(c.tokens)) for c in batch.chunks] == [(0, 10), (10, 4)]
 
 
 def test_long_prompt_cannot_starve_decoding():
