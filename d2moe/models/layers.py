@@ -17,6 +17,7 @@ from d2moe.models.dense import (
     DenseWeight,
     Float16Blocks,
     Int8Matrix,
+    blocked_rows,
     float16_blocks_linear,
     float16_linear,
     int8_embedding,
@@ -97,6 +98,8 @@ def embedding(tokens: torch.Tensor, w: DenseWeight) -> torch.Tensor:
     """tokens [B,T] -> rows of the embedding [B,T,H] in fp32 (the residual stream's dtype)."""
     if isinstance(w, Int8Matrix):
         return int8_embedding(tokens, w)
+    if isinstance(w, Float16Blocks):
+        return blocked_rows(tokens, w)
     return F.embedding(tokens, w).float()
 
 

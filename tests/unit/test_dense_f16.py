@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from d2moe.models.dense import (
     Float16Blocks,
@@ -120,3 +121,18 @@ def test_loaded_layers_hold_blocks_that_share_the_fused_qkv():
     assert dense_nbytes(out) == nbytes
     for n in ("layers.0.wqkv", "layers.0.wo", "layers.0.ffn.w1"):  # in the memory the rows took
         assert out[n].blocks.data_ptr() == where[n] and torch.equal(unblock_float16(out[n]), before[n])
+
+
+def test_a_blocked_embedding_reads_its_rows_and_serves_as_the_tied_head():
+    """The fp16 embedding (a tied head) is blocked in place too: a token's row comes out of its block exactly,
+    and the head product is the blocked kernel's."""
+    from d2moe.models.layers import embedding
+
+    w = torch.randn(96, 64, generator=torch.Generator().manual_seed(5)).half()
+    rows = w.clone()
+    out = block_float16_matrices({"embed": w})["embed"]
+    assert isinstance(out, Float16Blocks) and out.blocks.data_ptr() == w.data_ptr()
+    tokens = torch.tensor([[0, 15, 16, 95], [17, 17, 3, 80]])
+    assert torch.equal(embedding(tokens, out), F.embedding(tokens, rows).float())
+    x = torch.randn(5, 64)
+    assert torch.allclose(linear(x, out), x @ rows.float().T, rtol=1e-5, atol=1e-5)
