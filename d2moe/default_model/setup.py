@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -13,7 +14,7 @@ from d2moe.convert.convert import CANONICAL_MARKER
 from d2moe.default_model.corpus import calibration_files
 from d2moe.default_model.gguf_llama import find_smollm2_gguf
 from d2moe.default_model.paths import default_checkpoint_dir, default_model_dir, default_texts_dir
-from d2moe.routing.calibration import CALIBRATION_FILE
+from d2moe.routing.calibration import CALIBRATION_FILE, CALIBRATION_VERSION
 
 log = logging.getLogger(__name__)
 DEFAULT_DENSE_DTYPE = torch.float16
@@ -30,7 +31,7 @@ def ensure_default_model(force: bool = False, progress: bool = True) -> Path:
     """
     out = default_model_dir()
     if (out / "config.json").is_file() and not force:
-        if not (out / CALIBRATION_FILE).is_file():
+        if _calibration_version(out) < CALIBRATION_VERSION:  # none yet, or made before router two's floors
             calibrate_default(out, default_texts_dir(), progress)
         return out
     gguf = find_smollm2_gguf()
@@ -62,6 +63,14 @@ def ensure_default_model(force: bool = False, progress: bool = True) -> Path:
     calibrate_default(out, texts, progress)
     log.info("default model ready at %s (%.0fs)", out, time.perf_counter() - t0)
     return out
+
+
+def _calibration_version(store: Path) -> int:
+    """The version of the store's calibration.json (0: none, or unreadable)."""
+    try:
+        return int(json.loads((store / CALIBRATION_FILE).read_text()).get("version", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def calibrate_default(store: Path, texts: Path, progress: bool = True) -> dict:

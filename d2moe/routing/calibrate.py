@@ -19,13 +19,11 @@ from pathlib import Path
 import torch
 
 from d2moe.engine.model import LoadedModel
-from d2moe.routing.calibration import CALIBRATION_FILE
+from d2moe.routing.calibration import CALIBRATION_FILE, CALIBRATION_VERSION
 from d2moe.routing.collect import LayerRecord, collect, token_windows
 from d2moe.routing.finetune import FinetuneConfig, finetune
-from d2moe.routing.fit import FitConfig, fit_router, price_curve, tier_prices
+from d2moe.routing.fit import FitConfig, fit_router, price_curve, tier_prices, with_floors
 from d2moe.routing.width_router import ROUTER_FILE
-
-CALIBRATION_VERSION = 1
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -96,6 +94,7 @@ def calibrate(model: LoadedModel, ids: list[int], *, tokens: int = 4096, context
         first = tier_prices(router, records)
         prices = (first["high"]["price"], first["fast"]["price"])
         router, tune_log = finetune(model, router, windows, prices, tune, progress)
+    router = with_floors(router, records)
     stats = expert_stats(records, model.config.num_experts, widths)
     summary = {
         "version": CALIBRATION_VERSION,

@@ -15,6 +15,7 @@ from d2moe.routing.width_router import ROUTER_FILE, WidthRouter
 from d2moe.storage.format import StoreError
 
 CALIBRATION_FILE = "calibration.json"
+CALIBRATION_VERSION = 2  # 2: router two with its width floors (width_router.py)
 
 
 @dataclass(frozen=True)
@@ -54,4 +55,4 @@ def load_calibration(store: Path) -> Calibration | None:
         raise StoreError(f"{f}: cannot read the calibration ({e}); re-run `d2moe calibrate`") from None
 
 
-__all__ = ["CALIBRATION_FILE", "Calibration", "TIER_BYTE_TARGETS", "load_calibration"]
+__all__ = ["CALIBRATION_FILE", "CALIBRATION_VERSION", "Calibration", "TIER_BYTE_TARGETS", "load_calibration"]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from d2moe.routing.collect import LayerRecord
-from d2moe.routing.tiers import TIER_BYTE_TARGETS, PricePoint
+from d2moe.routing.tiers import TIER_BYTE_TARGETS, PricePoint, interpolate_price
 from d2moe.routing.width_router import LayerRouter, WidthRouter, layer_log_costs
 
 LOG_FLOOR = 1e-12  # costs below this are "free" (log space needs a floor)
@@ -101,6 +101,18 @@ def price_curve(router: WidthRouter, records: dict[int, LayerRecord], points: in
         frac, bits, _ = outcome(router, lc, records, p)
         out.append(PricePoint(p, bits, frac))
     return out
+
+
+def with_floors(router: WidthRouter, records: dict[int, LayerRecord]) -> WidthRouter:
+    """Router two with a width floor per price: at a price where its own choices average b bits or more on
+    the calibration tokens, no chosen expert runs below b. Tiers and the price curve are then calibrated on
+    the floored router (the floor raises the bytes at a price)."""
+    curve = price_curve(replace(router, floor_prices=None), records)
+    widths = router.widths.tolist()
+    prices = [math.inf] + [interpolate_price(curve, "avg_bits", float(b)) for b in widths[1:]]
+    for i in range(1, len(prices)):  # non-increasing by construction; kept so against float ties
+        prices[i] = min(prices[i], prices[i - 1])
+    return replace(router, floor_prices=torch.tensor(prices, dtype=torch.float64))
 
 
 def tier_prices(router: WidthRouter, records: dict[int, LayerRecord], iters: int = 40) -> dict[str, dict]:

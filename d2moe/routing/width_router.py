@@ -12,11 +12,17 @@ tokens, experts and layers, so one price is the Lagrange multiplier of one byte 
 just its price (calibrated per tier on calibration text, `tiers.py`), and tokens with different prices run
 in one batch. Price 0 always picks the widest width (cost 0 there by definition); a large price the
 narrowest. The per-token overhead is one [H, r] matvec per MoE layer plus [k, r, W] products.
+
+Floor: at a price where the router alone averages b bits or more, no chosen expert runs below b
+(`floor_prices`, set by `d2moe calibrate`: routing/fit.py `with_floors`). The costs are fitted, not exact,
+and a cheap-looking drop to 2-3 bits was what cost most: on the default model the floor took `balanced`
+from +10.3 % to +6.5 % perplexity at about the same bytes (README, "Width choice at equal bytes").
 """
 
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -68,6 +74,29 @@ class WidthRouter:
     widths: torch.Tensor  # [W] int64, ascending; the last is the store's widest
     byte_frac: torch.Tensor  # [W] bytes of an expert at each width / bytes at the widest
     layers: dict[int, LayerRouter]  # by model layer index
+    # [W] float64, non-increasing: at price p no chosen expert runs below widths[i] while p <= floor_prices[i]
+    # (floor_prices[0] = inf); None: no floor (routers calibrated before floors)
+    floor_prices: torch.Tensor | None = None
+
+    def floor_of(self, price: torch.Tensor) -> torch.Tensor:
+        """price [T] -> the narrowest width router two may choose at each price [T]."""
+        if self.floor_prices is None:
+            return self.widths[torch.zeros_like(price, dtype=torch.int64)]
+        n = (price.float().double()[:, None] <= self.floor_prices[None, :]).sum(-1)
+        return self.widths[(n - 1).clamp(min=0)]
+
+    def _floor_one(self, price: float) -> int:
+        """`floor_of` for one price, compared as float32 as the batched path's price tensors hold it, so both
+        paths floor a token alike."""
+        if self.floor_prices is None:
+            return int(self.widths[0])
+        _, widths = self._plain
+        p = array("f", (price,))[0]
+        return widths[max(sum(p <= f for f in self._floors) - 1, 0)]
+
+    @cached_property
+    def _floors(self) -> list[float]:
+        return [] if self.floor_prices is None else self.floor_prices.tolist()
 
     def log_costs(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [T,H] (the MoE block's input), idx/weight [T,k] -> predicted log cost [T,k,W]; cost at the
@@ -80,7 +109,8 @@ class WidthRouter:
     def choose(self, log_cost: torch.Tensor, price: torch.Tensor) -> torch.Tensor:
         """log_cost [T,k,W], price [T] (>= 0) -> widths [T,k]: argmin of cost + price * byte fraction."""
         total = log_cost.exp() + price.view(-1, 1, 1) * self.byte_frac
-        return self.widths[total.argmin(dim=-1)]
+        chosen = self.widths[total.argmin(dim=-1)]
+        return chosen if self.floor_prices is None else torch.maximum(chosen, self.floor_of(price)[:, None])
 
     def one_token(self, layer: int, x: torch.Tensor, idx: list[int], weight: list[float], price: float,
                   cap: int) -> list[int]:
@@ -94,7 +124,8 @@ class WidthRouter:
             xf = xf if xf.dtype == torch.float32 and xf.is_contiguous() else xf.float().contiguous()
             out = kernel.width_rule(self._kernel_layers[layer], xf, idx, weight, price, cap)
             if out is not None:
-                return out
+                floor = self._floor_one(price)
+                return [min(max(w, floor), cap) for w in out] if floor > self.widths[0] else out
         return self.one_token_reference(layer, x, idx, weight, price, cap)
 
     def one_token_reference(self, layer: int, x: torch.Tensor, idx: list[int], weight: list[float], price: float,
@@ -106,6 +137,7 @@ class WidthRouter:
         frac, widths = self._plain
         W = len(widths)
         last = price * frac[-1]  # the widest width's cost is 0 by definition
+        floor = self._floor_one(price)
         out = []
         for e, g in zip(idx, weight):
             best, choice, ce, base = last, W - 1, C[e], e * W
@@ -114,7 +146,7 @@ class WidthRouter:
                 c = (math.exp(t) if t < _EXP_MAX else math.inf) + price * frac[j]  # torch's exp overflows to inf
                 if c < best or (c == best and j < choice):
                     best, choice = c, j
-            out.append(min(widths[choice], cap))
+            out.append(min(max(widths[choice], floor), cap))
         return out
 
     @cached_property
@@ -139,6 +171,8 @@ class WidthRouter:
     # ---- files ---------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         tensors = {"widths": self.widths, "byte_frac": self.byte_frac}
+        if self.floor_prices is not None:
+            tensors["floor_prices"] = self.floor_prices.contiguous()
         for layer, p in self.layers.items():
             for name in ("A", "B", "C", "v"):
                 tensors[f"layers.{layer}.{name}"] = getattr(p, name).contiguous()
@@ -152,7 +186,9 @@ class WidthRouter:
             if key.startswith("layers."):
                 _, layer, name = key.split(".")
                 layers.setdefault(int(layer), {})[name] = value.float()
-        return cls(t["widths"].long(), t["byte_frac"].float(), {k: LayerRouter(**v) for k, v in layers.items()})
+        floors = t["floor_prices"].double() if "floor_prices" in t else None
+        return cls(t["widths"].long(), t["byte_frac"].float(), {k: LayerRouter(**v) for k, v in layers.items()},
+                   floors)
 
 
 def load_width_router(store: Path) -> WidthRouter | None:

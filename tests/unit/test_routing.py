@@ -28,11 +28,32 @@ WIDTHS = torch.arange(2, 9)
 FRAC = torch.linspace(0.28, 1.0, 7)
 
 
-def _router(seed: int, H: int = 8, E: int = 4, r: int = 3) -> WidthRouter:
+FLOORS = torch.tensor([float("inf"), 5.0, 2.0, 1.0, 0.3, 0.01, 0.0], dtype=torch.float64)
+
+
+def _router(seed: int, H: int = 8, E: int = 4, r: int = 3, floored: bool = False) -> WidthRouter:
     g = torch.Generator().manual_seed(seed)
     p = LayerRouter(torch.randn(H, r, generator=g), torch.randn(E, r, 7, generator=g),
                     torch.randn(E, 7, generator=g), torch.randn(7, generator=g))
-    return WidthRouter(WIDTHS, FRAC, {0: p})
+    return WidthRouter(WIDTHS, FRAC, {0: p}, FLOORS if floored else None)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0, 50), st.floats(0, 50))
+def test_the_floor_holds_and_falls_as_the_price_rises(seed, p1, p2):
+    router, plain = _router(seed, floored=True), _router(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x, idx, w = torch.randn(5, 8, generator=g), torch.randint(0, 4, (5, 2), generator=g), torch.rand(5, 2, generator=g)
+    lc = router.log_costs(0, x, idx, w)
+    lo, hi = sorted((p1, p2))
+    f_lo, f_hi = router.floor_of(torch.tensor([lo]))[0], router.floor_of(torch.tensor([hi]))[0]
+    assert f_hi <= f_lo
+    for p, f in ((lo, f_lo), (hi, f_hi)):
+        price = torch.full((5,), p)
+        got, alone = router.choose(lc, price), plain.choose(lc, price)
+        assert (got >= f).all() and torch.equal(got, torch.maximum(alone, f))  # the floor only lifts
+    assert router._floor_one(lo) == int(f_lo) and router._floor_one(hi) == int(f_hi)  # both compare in float32
+    assert int(router.floor_of(torch.tensor([1e9]))[0]) == 2 and int(router.floor_of(torch.tensor([0.0]))[0]) == 8
 
 
 @settings(max_examples=50, deadline=None)
@@ -48,12 +69,16 @@ def test_a_higher_price_never_picks_a_wider_width(seed, p1, p2):
     assert (router.choose(lc, torch.full((5,), 1e30)) == 2).all()
 
 
-def test_router_file_round_trip(tmp_path):
-    router = _router(3)
+@pytest.mark.parametrize("floored", [False, True])
+def test_router_file_round_trip(tmp_path, floored):
+    router = _router(3, floored=floored)
     router.save(tmp_path / ROUTER_FILE)
     back = WidthRouter.load(tmp_path / ROUTER_FILE)
     x, idx, w = torch.randn(4, 8), torch.randint(0, 4, (4, 2)), torch.rand(4, 2)
     assert torch.equal(back.log_costs(0, x, idx, w), router.log_costs(0, x, idx, w))
+    assert (back.floor_prices is None) == (not floored)
+    if floored:
+        assert torch.equal(back.floor_prices, FLOORS)
 
 
 def test_price_interpolation():
@@ -87,6 +112,8 @@ def test_calibrate_writes_a_complete_calibration(stores):
     for tier, target in TIER_BYTE_TARGETS.items():
         assert abs(data["tiers"][tier]["byte_frac"] - target) < 0.05, tier
     assert data["tiers"]["high"]["avg_bits"] > data["tiers"]["balanced"]["avg_bits"] > data["tiers"]["fast"]["avg_bits"]
+    floors = WidthRouter.load(cal / ROUTER_FILE).floor_prices  # calibrated with its floors
+    assert floors is not None and floors[0] == float("inf") and (floors[1:] <= floors[:-1]).all()
     layers = list(data["experts"])
     assert len(data["static_widths"]) == len(layers)
     pop = data["experts"][layers[0]]["popularity"]
@@ -182,7 +209,7 @@ def test_one_token_fast_path_matches_the_batched_rule(seed, price, cap):
     """Decode's list path (`WidthRouter.one_token`) picks what `widths_for` picks, but at float32 ties."""
     from d2moe.models.widths import RoutedWidths
 
-    router = _router(seed)
+    router = _router(seed, floored=seed % 2 == 0)
     g = torch.Generator().manual_seed(seed + 2)
     x, idx, w = torch.randn(1, 8, generator=g), torch.randint(0, 4, (1, 3), generator=g), torch.rand(1, 3, generator=g)
     ref = torch.clamp(router.widths_for(0, x, idx, w, torch.tensor([price])), max=cap)[0].tolist()
@@ -210,7 +237,7 @@ def test_one_token_kernel_rule_matches_its_python_reference(seed, price, cap, sc
 
     if load_kernel() is None:
         pytest.skip("no C++ compiler: the Python rule is the only one")
-    router = _router(seed)
+    router = _router(seed, floored=seed % 2 == 0)
     g = torch.Generator().manual_seed(seed + 5)
     for _ in range(10):
         x = torch.randn(1, 8, generator=g) * scale
