@@ -14,6 +14,7 @@ from d2moe.engine.model import LoadedModel
 from d2moe.engine.prefix_cache import PrefixCache
 from d2moe.engine.request import EngineRequest, RequestOutput
 from d2moe.engine.runner import Runner
+from d2moe.models.kv_window import has_windows
 from d2moe.models.ragged import KVPool
 
 
@@ -50,8 +51,7 @@ class Engine:
         self.tokenizer = model.require_tokenizer()
         self.context = min(context, model.config.max_position)
         self.pool = KVPool(model.config, config.max_batch, self.context)
-        cfg = model.config
-        rings = bool(cfg.sliding_layers or cfg.chunked_layers)
+        rings = has_windows(model.config)
         positions = 0 if rings else model.engine.prefix_cache
         self.prefix = PrefixCache(positions) if positions else None
         # chunks also end at the chat template's special tokens (turn starts and ends): prompts then share

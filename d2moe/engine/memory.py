@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from d2moe.config import EngineConfig, ModelConfig
 from d2moe.cache.expert_cache import BudgetError
-from d2moe.models.kv_window import cache_len
+from d2moe.models.kv_window import cache_len, has_windows
 from d2moe.models.layers import kv_cache_dims
 from d2moe.quant.kernels.cpu import DECODE_BLOCK, SMALL_T
 from d2moe.quant.pack import ExpertLayout
@@ -34,7 +34,7 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
 
 def prefix_cache_bytes(cfg: ModelConfig, positions: int) -> int:
     """The prefix cache's keys and values (engine/prefix_cache.py); models with sliding-window rings keep none."""
-    if not positions or cfg.sliding_layers or cfg.chunked_layers:
+    if not positions or has_windows(cfg):
         return 0
     return kv_cache_bytes(cfg, positions)
 
@@ -89,10 +89,11 @@ def plan_memory(cfg: ModelConfig, engine: EngineConfig, dense_bytes: int, layout
     budget = engine.memory_budget if engine.memory_budget is not None else fixed + all_experts_bytes
     if budget < minimum:
         slots = "" if engine.kv_slots == 1 else f"{engine.kv_slots} x "
+        prefix_part = f" + prefix cache {format_size(prefix)}" if prefix else ""
         raise BudgetError(
             f"memory budget {format_size(budget)} is below the minimum {format_size(minimum)} for this model "
             f"and context: dense weights {format_size(dense_bytes)} + KV cache {format_size(kv)} "
-            f"({slots}{engine.context} tokens){f' + prefix cache {format_size(prefix)}' if prefix else ''} + scratch {format_size(scratch)} + one layer's {cfg.top_k} experts at "
-            f"2 bits {format_size(one_layer)}"
+            f"({slots}{engine.context} tokens){prefix_part} + scratch {format_size(scratch)} + one layer's "
+            f"{cfg.top_k} experts at 2 bits {format_size(one_layer)}"
         )
     return MemoryPlan(budget, dense_bytes, kv, prefix, scratch, budget - fixed, minimum)

@@ -10,7 +10,6 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer
 
 from d2moe.cache.expert_cache import BudgetError, ExpertCache

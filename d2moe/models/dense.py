@@ -23,8 +23,8 @@ fp32 (~2000x more exact), streams the weights once and costs 2.0 / 17 / 107 ms. 
 dtype is the fallback (no AVX-512, in % 16 != 0) and the reference. A layer's fp16 q|k|v, o and dense FFN
 matrices are held from load as `Float16Blocks` (16 rows side by side per column; `block_float16_matrices`):
 one load per column for 16 rows and one broadcast per activation, no horizontal sums; the 960 x 576 fused
-q|k|v at 16 tokens 0.22 -> 0.16 ms, at one token 0.031 -> 0.024 ms (one core). The embedding, and a head tied
-to it, keep their rows.
+q|k|v at 16 tokens 0.22 -> 0.16 ms, at one token 0.031 -> 0.024 ms (one core). The fp16 head and embedding
+too: the embedding reads a token's row out of its block (`blocked_rows`), so a tied head needs no copy.
 """
 
 from __future__ import annotations

@@ -28,6 +28,11 @@ def layer_span(cfg: ModelConfig, layer: int) -> int:
     return 0
 
 
+def has_windows(cfg: ModelConfig) -> bool:
+    """Whether any layer looks back only a bounded span (its cache is a ring for long contexts)."""
+    return any(layer_span(cfg, layer) for layer in range(cfg.num_layers))
+
+
 def cache_len(cfg: ModelConfig, layer: int, max_len: int) -> int:
     """Positions `layer` keeps for a context of `max_len`."""
     span = layer_span(cfg, layer)
