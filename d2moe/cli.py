@@ -522,9 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dense-dtype",
         choices=("auto", "float32", "bfloat16", "float16", "int8"),
         default="int8",
-        help="storage dtype of dense matrices (int8: one scale per row, half of float16's bytes, the fastest "
-        "on CPU, perplexity within 0.3%% of fp32 on SmolLM2; auto: as in the checkpoint); norms, biases "
-        "and (with int8) routers stay float32",
+        help="storage dtype of dense matrices (int8: a scale per row and 64 columns as in Q8_0, per row where "
+        "the width is not a multiple of 64; half of float16's bytes and the fastest on CPU, perplexity within "
+        "noise of float16 on the default model; auto: as in the checkpoint); norms, biases and (with int8) "
+        "routers stay float32",
     )
     cv.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     cv.set_defaults(fn=cmd_convert)

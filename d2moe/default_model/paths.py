@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "smollm2-moe-e8k6-v1"  # bump the suffix when the recipe changes
-STORE_VARIANT = "f16-gptq-v2"  # bump when the store settings or format change (f16: dense in float16;
+STORE_VARIANT = "q8-gptq-v2"  # bump when the store settings or format change (q8: dense int8 per 64 columns;
 # gptq: experts fitted by gptq on clipped grids; v2: format 2)
 
 

@@ -22,7 +22,7 @@ from d2moe.engine.memory import MemoryPlan, plan_memory
 from d2moe.engine.policies import PolicySpec, policy_spec
 from d2moe.io.loader import SliceLoader
 from d2moe.models.decoder import MoEDecoder
-from d2moe.models.dense import DenseWeight, block_float16_matrices, dense_nbytes, load_dense
+from d2moe.models.dense import DenseWeight, block_dense_matrices, dense_nbytes, load_dense
 from d2moe.models.moe import WidthRule
 from d2moe.models.widths import HobbitRule, RoutedWidths, static_widths
 from d2moe.routing.calibration import Calibration, load_calibration
@@ -133,7 +133,7 @@ def _load_dense(path: Path) -> dict[str, DenseWeight]:
     except Exception as e:
         raise StoreError(f"{dense_path}: cannot read ({e})") from None
     _drop_page_cache(dense_path)  # the tensors are copies: keep the file's pages out of a memory cgroup
-    return block_float16_matrices(dense)
+    return block_dense_matrices(dense)
 
 
 def _drop_page_cache(path: Path) -> None:

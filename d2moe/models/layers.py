@@ -1,7 +1,8 @@
 """Decoder building blocks as pure functions over weight tensors (fp32 math for norms and softmax).
 
 Shapes: B batch, T new tokens, S cached + new positions, H hidden, nH/nKV heads, D head dim.
-Dense matrices are float tensors or per-row int8 (`dense.Int8Matrix`); `linear` and `embedding` take both.
+Dense matrices are float tensors, int8 (`dense.Int8Matrix`) or either held as blocks for d2moe's kernels
+(`dense.Float16Blocks`, `dense.Int8Blocks`); `linear` and `embedding` take them all.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from d2moe.config import ModelConfig, RopeScaling
 from d2moe.models.dense import (
     DenseWeight,
     Float16Blocks,
+    Int8Blocks,
     Int8Matrix,
     blocked_rows,
     float16_blocks_linear,
+    int8_blocked_rows,
+    int8_blocks_linear,
     float16_linear,
     int8_embedding,
     int8_linear,
@@ -83,6 +87,8 @@ def linear(x: torch.Tensor, w: DenseWeight, b: torch.Tensor | None = None) -> to
         y = int8_linear(x, w)
     elif isinstance(w, Float16Blocks):
         y = float16_blocks_linear(x, w)
+    elif isinstance(w, Int8Blocks):
+        y = int8_blocks_linear(x, w)
     elif w.dtype == torch.float16:
         y = float16_linear(x, w)
     else:
@@ -100,6 +106,8 @@ def embedding(tokens: torch.Tensor, w: DenseWeight) -> torch.Tensor:
         return int8_embedding(tokens, w)
     if isinstance(w, Float16Blocks):
         return blocked_rows(tokens, w)
+    if isinstance(w, Int8Blocks):
+        return int8_blocked_rows(tokens, w)
     return F.embedding(tokens, w).float()
 
 

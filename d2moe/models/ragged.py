@@ -16,6 +16,7 @@ Batching invariance: a sequence's tokens must come out bit-identical whatever el
 kernels are row-invariant only within limits, measured here (2 cores, AVX-512, torch 2.13):
 - fp16: d2moe's kernel (models/dense.py `float16_linear`), bf16 `F.linear`: the same bits for a row at any row count;
 - int8 `_weight_int8pack_mm`: the same bits up to KERNEL_MAX_TOKENS rows; beyond, a bf16 GEMM;
+- int8 blocks (`int8_blocks_linear`, each token's activations quantized alone): the same bits at any row count;
 - fp32 `F.linear` (MKL): a row's bits change with the row count, even from 1 to 2 rows;
 - the MWQ expert kernel: the same bits while the kernel kind does not change (`BoundExpert.invariant_tokens`:
   256 tokens for msb experts, any count on byte codes, 3 for residual ones), float GEMM beyond.
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
 from d2moe.models.decoder import MoEDecoder
-from d2moe.models.dense import KERNEL_MAX_TOKENS, DenseWeight, Float16Blocks, Int8Matrix
+from d2moe.models.dense import KERNEL_MAX_TOKENS, DenseWeight, Float16Blocks, Int8Blocks, Int8Matrix
 from d2moe.models.expert_provider import ExpertProvider
 from d2moe.models.kv_window import cache_len, is_ring, ring_write, window_keys
 from d2moe.models.layers import (
@@ -74,8 +75,8 @@ PREFETCH_MAX_ROWS = 8  # decode-only steps up to this many sequences predict the
 def invariant_rows(w: DenseWeight) -> int:
     """Most rows one `linear` call may take while each row gets the bits it gets alone (see module doc)."""
     if isinstance(w, Int8Matrix):
-        return KERNEL_MAX_TOKENS
-    if isinstance(w, Float16Blocks):
+        return 1 if w.grouped else KERNEL_MAX_TOKENS  # grouped and not blocked: an fp32 GEMM (rare)
+    if isinstance(w, Float16Blocks | Int8Blocks):
         return UNBOUNDED
     return UNBOUNDED if w.dtype in (torch.float16, torch.bfloat16) else 1
 

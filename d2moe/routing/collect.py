@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from d2moe.engine.model import LoadedModel
-from d2moe.models.dense import Float16Blocks, Int8Matrix, dequantize_int8, unblock_float16
+from d2moe.models.dense import as_float
 from d2moe.models.decoder import MoEDecoder
 from d2moe.models.expert_provider import TensorExpert, TensorExpertProvider
 from d2moe.models.moe import expert_runner, route_layer, weighted_expert
@@ -50,8 +50,7 @@ def expert_matrices(model: LoadedModel, layer: int, expert: int, bits: int) -> t
 def _teacher(model: LoadedModel, widest: int) -> MoEDecoder:
     """The model at its widest width as an fp32, differentiable decoder (dense int8 dequantized)."""
     cfg = model.config
-    dense = {k: dequantize_int8(v) if isinstance(v, Int8Matrix) else
-             unblock_float16(v).float() if isinstance(v, Float16Blocks) else v.float() for k, v in model.decoder.w.items()}
+    dense = {k: as_float(v) for k, v in model.decoder.w.items()}
     tensors = {}
     for layer in cfg.moe_layers:
         for e in range(cfg.num_experts):

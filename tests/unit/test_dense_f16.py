@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from d2moe.models.dense import (
     Float16Blocks,
     block_float16,
-    block_float16_matrices,
+    block_dense_matrices,
     dense_nbytes,
     float16_blocks_linear,
     float16_blocks_linear_reference,
@@ -110,7 +110,7 @@ def test_loaded_layers_hold_blocks_that_share_the_fused_qkv():
                       "layers.0.router": h(4, 64)})
     before = {k: v.clone() for k, v in dense.items()}
     nbytes, where = dense_nbytes(dense), {k: v.data_ptr() for k, v in dense.items()}
-    out = block_float16_matrices(dense)
+    out = block_dense_matrices(dense)
     assert isinstance(out["layers.0.wqkv"], Float16Blocks) and isinstance(out["layers.0.wo"], Float16Blocks)
     assert isinstance(out["layers.0.ffn.w1"], Float16Blocks)
     for n in ("wq", "wk", "wv"):
@@ -130,7 +130,7 @@ def test_a_blocked_embedding_reads_its_rows_and_serves_as_the_tied_head():
 
     w = torch.randn(96, 64, generator=torch.Generator().manual_seed(5)).half()
     rows = w.clone()
-    out = block_float16_matrices({"embed": w})["embed"]
+    out = block_dense_matrices({"embed": w})["embed"]
     assert isinstance(out, Float16Blocks) and out.blocks.data_ptr() == w.data_ptr()
     tokens = torch.tensor([[0, 15, 16, 95], [17, 17, 3, 80]])
     assert torch.equal(embedding(tokens, out), F.embedding(tokens, rows).float())

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from d2moe.models.dense import (
     Int8Matrix,
+    column_scales,
     dense_nbytes,
     dequantize_int8,
     from_stored,
@@ -38,25 +39,30 @@ def _matrix(out: int, inp: int, seed: int = 0) -> torch.Tensor:
 @settings(max_examples=60, deadline=None)
 @given(
     out=st.integers(1, 24),
-    inp=st.integers(1, 70),
+    inp=st.sampled_from([1, 7, 16, 40, 64, 70, 128, 192]),
     log_scale=st.floats(-20, 20),
     zero_row=st.booleans(),
     seed=st.integers(0, 2**16),
+    group=st.sampled_from([0, 16, 64]),
 )
-def test_round_trip_within_half_a_step(out, inp, log_scale, zero_row, seed):
+def test_round_trip_within_half_a_step(out, inp, log_scale, zero_row, seed, group):
+    """Per row (group 0, or a width the group does not divide) or per row and group of columns."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g) * 2.0**log_scale
     if zero_row:
         w[0] = 0.0
-    m = quantize_int8(w)
+    m = quantize_int8(w, group=group)
     assert m.q.dtype == torch.int8 and m.scale.dtype == torch.bfloat16
-    assert m.q.shape == w.shape and m.scale.shape == (out,)
+    groups = inp // group if group and inp % group == 0 else 0
+    assert m.q.shape == w.shape and m.scale.shape == ((out, groups) if groups else (out,))
     assert int(m.q.abs().max()) <= 127 and bool((m.scale.float() > 0).all())
     err = (w - dequantize_int8(m)).abs()
-    assert bool((err <= 0.5 * m.scale.float()[:, None] * (1 + 1e-6)).all())
-    nonzero = w.abs().amax(1) > 0
-    # the scale is max|row| / 127 to bf16 precision: the largest code is 126 or 127 (nothing wasted)
-    assert bool((m.q[nonzero].abs().amax(1) >= 126).all())
+    assert bool((err <= 0.5 * column_scales(m) * (1 + 1e-6)).all())
+    size = inp // groups if groups else inp
+    wg, qg = w.view(out, -1, size), m.q.view(out, -1, size)
+    nonzero = wg.abs().amax(2) > 0
+    # the scale is max|group| / 127 to bf16 precision: the largest code is 126 or 127 (nothing wasted)
+    assert bool((qg.abs().amax(2)[nonzero] >= 126).all())
     if zero_row:
         assert bool((m.q[0] == 0).all())
 
@@ -66,7 +72,10 @@ def test_int8_error_is_small_relative_to_the_matrix():
     m = quantize_int8(w)
     rel = (w - dequantize_int8(m)).norm() / w.norm()
     assert rel < 0.01
-    assert m.nbytes == 256 * 576 + 256 * 2
+    assert m.nbytes == 256 * 576 + 256 * 9 * 2  # a bf16 scale per 64 columns
+    per_row = quantize_int8(w, group=0)
+    assert per_row.nbytes == 256 * 576 + 256 * 2 and not per_row.grouped
+    assert (w - dequantize_int8(m)).norm() < (w - dequantize_int8(per_row)).norm()
 
 
 # ---- matmul: fast path vs reference -----------------------------------------------------------------------------
@@ -74,9 +83,10 @@ def test_int8_error_is_small_relative_to_the_matrix():
 
 @pytest.mark.parametrize("T", [1, 5, 31, 32, 128])
 @pytest.mark.parametrize("shape", [(576, 576), (13, 64), (1, 32), (37, 48), (300, 160), (10, 37), (7, 3)])
-def test_int8_linear_matches_reference(T, shape):
+@pytest.mark.parametrize("group", [0, 64])
+def test_int8_linear_matches_reference(T, shape, group):
     out, inp = shape
-    m = quantize_int8(_matrix(out, inp, seed=T))
+    m = quantize_int8(_matrix(out, inp, seed=T), group=group)
     x = torch.randn(1, T, inp, generator=torch.Generator().manual_seed(1))
     y = int8_linear(x, m)
     ref = int8_linear_reference(x, m)
@@ -91,7 +101,7 @@ def test_kernel_only_on_shapes_it_handles():
     must take the dequantizing path (still correct)."""
     assert kernel_fits(quantize_int8(_matrix(8, 64)))
     assert not kernel_fits(quantize_int8(_matrix(8, 40)))
-    m = quantize_int8(_matrix(9, 64))
+    m = quantize_int8(_matrix(9, 64), group=0)
     shifted = Int8Matrix(m.q.view(-1)[8 : 8 + 64 * 8].view(8, 64), m.scale[:8])  # 8-byte offset view
     assert not kernel_fits(shifted)
     x = torch.randn(1, 64)
@@ -221,7 +231,7 @@ def test_d2moe_int8_kernel_is_exact_and_batch_invariant(shape):
 
     kernel = load_kernel()
     out, inp = shape
-    m = quantize_int8(_matrix(out, inp, seed=3))
+    m = quantize_int8(_matrix(out, inp, seed=3), group=0)
     x = torch.randn(KERNEL_MAX_TOKENS, inp, generator=torch.Generator().manual_seed(2)) * 3
     y = kernel.int8_linear(x, m.q, m.scale) if kernel is not None else None
     if y is None:

@@ -103,6 +103,7 @@ class CpuKernel:
         self.lib.mwq_rms_norm.argtypes = [vp, vp, i64, i64, ctypes.c_float, vp]
         self.lib.mwq_f16_linear.argtypes = [vp, i64, i64, vp, i64, vp, i32]
         self.lib.mwq_f16_blocks_linear.argtypes = [vp, i64, i64, vp, i64, vp, i32]
+        self.lib.mwq_q8_blocks_linear.argtypes = [vp, vp, i64, i64, vp, i64, vp, i32]
         self.lib.mwq_width_rule.argtypes = [vp, vp, vp, vp, i64, ctypes.c_double, i64, vp]
         self.lib.mwq_decode_attention.argtypes = [vp, i64, i64, i64, i64, i64, vp, i64, i64, vp, i64, i64, vp, vp,
                                                   ctypes.c_float, vp, i32]
@@ -110,7 +111,8 @@ class CpuKernel:
                                                        vp, vp, i64, ctypes.c_float, vp, i32]
         for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_decode_rows, self.lib.mwq_experts_ffn,
                   self.lib.mwq_invariant_tokens, self.lib.mwq_int8_linear, self.lib.mwq_rms_norm,
-                  self.lib.mwq_f16_linear, self.lib.mwq_f16_blocks_linear, self.lib.mwq_decode_attention,
+                  self.lib.mwq_f16_linear, self.lib.mwq_f16_blocks_linear, self.lib.mwq_q8_blocks_linear,
+                  self.lib.mwq_decode_attention,
                   self.lib.mwq_width_rule,
                   self.lib.mwq_to_codes, self.lib.mwq_decode_rope_attention):
             f.restype = i32
@@ -163,6 +165,16 @@ class CpuKernel:
         y = torch.empty(x.shape[0], rows, dtype=torch.float32)
         rc = self.lib.mwq_f16_blocks_linear(blocks.data_ptr(), rows, K, x.data_ptr(), x.shape[0], y.data_ptr(),
                                             torch.get_num_threads())
+        return None if rc else y
+
+    def q8_blocks_linear(self, x: Tensor, blocks: Tensor, scales: Tensor, rows: int) -> Tensor | None:
+        """x [T, K] float32 (contiguous) @ W^T -> [T, rows] float32 for int8 blocks (uint8 [ceil(rows/16), K/4,
+        16, 4], weight + 128) with bf16 scales [ceil(rows/16), K/64, 16] (see models/dense.py `Int8Blocks`);
+        activations quantized to int8 per 64 columns. None where this build has no kernel (no AVX-512 VNNI)."""
+        K = blocks.shape[1] * 4
+        y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+        rc = self.lib.mwq_q8_blocks_linear(blocks.data_ptr(), scales.data_ptr(), rows, K, x.data_ptr(), x.shape[0],
+                                           y.data_ptr(), torch.get_num_threads())
         return None if rc else y
 
     def decode_attention(self, q: Tensor, keys: Tensor, values: Tensor, slots: Tensor, lengths: Tensor,

@@ -24,7 +24,7 @@
 //
 // Files: mwq_common.h (view, coefficients, byte-code layout, int16 activations), mwq_float.h (float kernels),
 // mwq_int16.h (masked int16 kernel, GFNI code rebuild), mwq_octets.h (the msb kernel and its layout),
-// mwq_int8_dense.h (per-row int8 dense matrices), mwq_f16_dense.h (fp16 dense matrices), mwq_attention.h
+// mwq_int8_dense.h (per-row int8 dense matrices), mwq_q8_dense.h (int8 blocks x int8 activations), mwq_f16_dense.h (fp16 dense matrices), mwq_attention.h
 // (decode attention), this file (dispatch, threading, C API).
 
 #include "mwq_common.h"
@@ -33,6 +33,7 @@
 #include "mwq_octets.h"
 #include "mwq_int8_dense.h"
 #include "mwq_f16_dense.h"
+#include "mwq_q8_dense.h"
 #include "mwq_attention.h"
 
 namespace {
@@ -472,6 +473,43 @@ int mwq_f16_blocks_linear(const uint16_t* w, int64_t N, int64_t K, const float* 
     return 0;
 #else
     (void)w, (void)N, (void)K, (void)x, (void)T, (void)y, (void)nthreads;
+    return -1;
+#endif
+}
+
+// y [T, N] = x [T, K] @ W^T for int8 blocks (mwq_q8_dense.h: blocks [ceil(N/16)][K/4][16][4] uint8 = w + 128,
+// scales [ceil(N/16)][K/64][16] bf16); K % 64 == 0. The activations are quantized once per call (each token
+// alone), then blocks are split over threads, each streaming once per 8 tokens.
+int mwq_q8_blocks_linear(const uint8_t* w, const uint16_t* ws, int64_t N, int64_t K, const float* x, int64_t T,
+                         float* y, int nthreads) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    if (K % kQ8Group != 0 || T < 1 || N < 1) return -1;
+    const int64_t G = K / kQ8Group, nb = (N + 15) / 16;
+    std::vector<int8_t> x8((size_t)(T * K));
+    std::vector<float> sx((size_t)(T * G));
+    std::vector<int32_t> cx((size_t)(T * G));
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) quantize_q8(x + t * K, 1, K, x8.data() + t * K, sx.data() + t * G, cx.data() + t * G);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; ++b) {
+            const uint8_t* blk = w + b * 16 * K;
+            const uint16_t* wsb = ws + b * 16 * G;
+            const int rows = (int)std::min<int64_t>(16, N - b * 16);
+            float* yb = y + b * 16;
+            int64_t t = 0;
+            for (; T - t >= 8; t += 8)
+                q8_block<8>(blk, wsb, K, x8.data() + t * K, sx.data() + t * G, cx.data() + t * G, yb + t * N, N, rows);
+            for (; T - t >= 4; t += 4)
+                q8_block<4>(blk, wsb, K, x8.data() + t * K, sx.data() + t * G, cx.data() + t * G, yb + t * N, N, rows);
+            for (; t < T; ++t)
+                q8_block<1>(blk, wsb, K, x8.data() + t * K, sx.data() + t * G, cx.data() + t * G, yb + t * N, N, rows);
+        }
+    }
+    return 0;
+#else
+    (void)w, (void)ws, (void)N, (void)K, (void)x, (void)T, (void)y, (void)nthreads;
     return -1;
 #endif
 }
