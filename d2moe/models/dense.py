@@ -463,7 +463,8 @@ def from_stored(flat: dict[str, torch.Tensor]) -> dict[str, DenseWeight]:
             grouped = (t.shape[0], t.shape[1] // GROUP) if t.shape[1] % GROUP == 0 else None
             if scale is None or scale.shape not in ((t.shape[0],), grouped):
                 raise ValueError(f"int8 dense tensor {name} {tuple(t.shape)} has no matching {name}{SCALE_SUFFIX}")
-            out[name] = Int8Matrix(_aligned(t), scale.to(SCALE_DTYPE).contiguous())
+            # per-row q is aligned for its kernel; grouped q is rewritten in place as blocks (no copy)
+            out[name] = Int8Matrix(t if scale.dim() == 2 else _aligned(t), scale.to(SCALE_DTYPE).contiguous())
         elif not _is_scale_of_int8(name, flat):
             out[name] = t
     return out
