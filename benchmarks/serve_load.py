@@ -81,7 +81,8 @@ def level_line(name: str, res: dict, ref: dict | None = None) -> str:
     if (st := res.get("ttft_steady_s")) and st[99] is not None:
         ratio = f" = {st[99] / ref['ttft_s'][99]:.1f}x unloaded" if ref else ""
         steady = f" (steady p50 {st[50]:.2f}s p99 {st[99]:.2f}s{ratio})"
-    return (f"{name}concurrency {res['concurrency']:2d}: {res['aggregate_tok_per_s']:7.1f} tok/s, TTFT p50 "
+    rate = f" (steady {res['steady_tok_per_s']:.1f})" if res.get("steady_tok_per_s") else ""
+    return (f"{name}concurrency {res['concurrency']:2d}: {res['aggregate_tok_per_s']:7.1f} tok/s{rate}, TTFT p50 "
             f"{res['ttft_s'][50]:.2f}s p99 {res['ttft_s'][99]:.2f}s{steady}, ITL p50 {res['itl_ms'][50]} ms p99 "
             f"{res['itl_ms'][99]} ms, ok {res['ok']}/{res['requests']}{bad}")
 
@@ -124,7 +125,8 @@ async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int, tier: 
                 if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
     return {"status": 200, "ttft": stamps[0] - t0 if stamps else None,
-            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps)}
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": len(stamps), "stamps": stamps,
+            "end": time.perf_counter()}
 
 
 async def bad_requests(client: httpx.AsyncClient) -> list[int]:
@@ -166,6 +168,20 @@ def _percentiles(xs: list[float]) -> dict[int, float | None]:
     return {p: percentile(xs, p) for p in (50, 90, 99)}
 
 
+def steady_rate(results: list[list[dict]], t0: float) -> float | None:
+    """Tokens/s streamed while every client had a request open: from the last client's first request to the
+    first client's last answer. The whole run's rate also counts the ramp (clients starting one after another)
+    and the tail (clients finishing), when fewer requests run; this is the rate at the stated concurrency."""
+    if not results or any(not rs or rs[0].get("status") != 200 for rs in results):
+        return None
+    start = t0 + max(rs[0]["sent"] for rs in results)
+    end = min(rs[-1]["end"] for rs in results)
+    if end <= start:
+        return None
+    n = sum(1 for rs in results for r in rs for s in r.get("stamps", ()) if start <= s <= end)
+    return round(n / (end - start), 2)
+
+
 async def level(base: str, concurrency: int, per_client: int, max_tokens: int, with_bad: bool = True,
                 ramp: float = 0.0) -> dict:
     """`concurrency` clients, each sending `per_client` requests one after the other. With `ramp` > 0 client w
@@ -186,6 +202,7 @@ async def level(base: str, concurrency: int, per_client: int, max_tokens: int, w
         results, bad = await asyncio.gather(asyncio.gather(*(worker(w) for w in range(concurrency))),
                                             bad_requests(client) if with_bad else asyncio.sleep(0, []))
         wall = time.perf_counter() - t0
+    steady_tps = steady_rate(results, t0)
     flat = [r for rs in results for r in rs]
     ok = [r for r in flat if r["status"] == 200]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
@@ -196,7 +213,7 @@ async def level(base: str, concurrency: int, per_client: int, max_tokens: int, w
         "concurrency": concurrency, "requests": len(flat), "ok": len(ok),
         "rejected": sorted({r["status"] for r in flat if r["status"] != 200}),
         "aggregate_tok_per_s": round(tokens / wall, 2), "wall_s": round(wall, 2),
-        "ttft_s": _percentiles(ttft), "ramp_s": ramp,
+        "steady_tok_per_s": steady_tps, "ttft_s": _percentiles(ttft), "ramp_s": ramp,
         **({"ttft_steady_s": _percentiles(steady), "steady_requests": len(steady)} if ramp > 0 else {}),
         "itl_ms": {p: (None if (v := percentile(itl, p)) is None else round(1e3 * v, 2)) for p in (50, 90, 99)},
         "bad_input_codes": bad, "bad_input_all_4xx": all(400 <= c < 500 for c in bad) if with_bad else None,
