@@ -20,6 +20,7 @@ from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import ExpertFn, ExpertProvider, weighted_sum
 from d2moe.models.layers import Linear, clamped_swiglu, linear, swiglu
 from d2moe.models.widths import request_widths
+from d2moe.quant.kernels.cpu import load_kernel
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,29 @@ class Routing:
     weight: torch.Tensor  # [T, k] combine weights (fp32)
 
 
+def router_logits(x: torch.Tensor, router: torch.Tensor, router_b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H] -> router one's logits [T, E] fp32. An fp32 router goes through the kernel library's fixed-order
+    dot products (the same bits for a row at any T: a batched step routes all its decode rows in one call as
+    each would be routed alone); otherwise, or without the library, `linear` (the reference)."""
+    if router.dtype == torch.float32 and router.dim() == 2 and router.is_contiguous() and (k := load_kernel()):
+        y = k.f32_rows_linear(x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(), router)
+        return y if router_b is None else y + router_b
+    return linear(x, router, router_b)
+
+
+def router_invariant(router: torch.Tensor) -> bool:
+    """Whether `router_logits` gives a row the same bits at any row count."""
+    if router.dtype == torch.float32:
+        return router.dim() == 2 and router.is_contiguous() and load_kernel() is not None
+    return router.dtype in (torch.float16, torch.bfloat16)
+
+
 def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig, bias: torch.Tensor | None = None,
           router_b: torch.Tensor | None = None) -> Routing:
     """Router one: pick each token's top-k experts. x [T,H] -> Routing. `bias` [E] (DeepSeek-V3's
     e_score_correction_bias) shifts the scores experts are chosen by, not their combine weights;
     `router_b` [E] is the router's own bias (GPT-OSS)."""
-    logits = linear(x, router, router_b)  # [T, E] fp32
+    logits = router_logits(x, router, router_b)  # [T, E] fp32
     if cfg.router_scoring == "linear":  # top-k of raw scores, chosen experts are summed unscaled
         idx = logits.topk(cfg.top_k, dim=-1).indices
         return Routing(idx, torch.ones_like(idx, dtype=torch.float32))

@@ -77,6 +77,17 @@ class RoutedWidths:
                  price: torch.Tensor | None) -> torch.Tensor:
         return routed_widths(self.router, layer, x, r.idx, r.weight, token_bits, price)
 
+    def rows(self, layer: int, x: torch.Tensor, r, token_bits: torch.Tensor, price: torch.Tensor | None) -> torch.Tensor:
+        """`one` for each row of x (a batched step's decode rows) in one call: [T,k], row t as `one` gives it."""
+        fixed = request_widths(r.idx, token_bits)
+        if price is None or layer not in self.router.layers:
+            return fixed
+        routed = ~torch.isnan(price)
+        if routed.any():
+            fixed[routed] = self.router.rows(layer, x[routed], r.idx[routed], r.weight[routed], price[routed],
+                                             token_bits[routed])
+        return fixed
+
     def one(self, layer: int, x: torch.Tensor, idx: list[int], weight: list[float], bits: int,
             price: float | None) -> list[int]:
         if price is None or math.isnan(price) or layer not in self.router.layers:

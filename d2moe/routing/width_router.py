@@ -128,6 +128,26 @@ class WidthRouter:
                 return [min(max(w, floor), cap) for w in out] if floor > self.widths[0] else out
         return self.one_token_reference(layer, x, idx, weight, price, cap)
 
+    def rows(self, layer: int, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, price: torch.Tensor,
+             cap: torch.Tensor) -> torch.Tensor:
+        """`one_token` for every row of x [T,H] (idx/weight [T,k], price [T] >= 0, cap [T]) -> [T,k] int64, each
+        row exactly as `one_token` gives it: a batched step's decode rows in one call of the kernel library's
+        rule (per row ~8 us of Python glue saved), else row by row."""
+        kernel = load_kernel()
+        out = None
+        if kernel is not None:
+            xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+            out = kernel.width_rule_rows(self._kernel_layers[layer], xf, idx.contiguous(), weight.float().contiguous(),
+                                         price.double().contiguous(), cap.to(torch.int64).contiguous())
+        if out is None:
+            return torch.tensor([self.one_token(layer, x[t : t + 1], idx[t].tolist(), weight[t].tolist(),
+                                                float(price[t]), int(cap[t])) for t in range(x.shape[0])],
+                                dtype=torch.int64).view(idx.shape)
+        if self.floor_prices is not None:
+            floors = torch.tensor([self._floor_one(p) for p in price.tolist()], dtype=torch.int64)
+            out = torch.minimum(torch.maximum(out, floors[:, None]), cap.to(torch.int64)[:, None])
+        return out
+
     def one_token_reference(self, layer: int, x: torch.Tensor, idx: list[int], weight: list[float], price: float,
                             cap: int) -> list[int]:
         """`one_token` in Python: two small matmuls, then k*W scalars instead of ~15 tensor ops."""

@@ -245,3 +245,41 @@ def test_one_token_kernel_rule_matches_its_python_reference(seed, price, cap, sc
         fast = router.one_token(0, x, idx, w, price, cap)
         ref = router.one_token_reference(0, x, idx, w, price, cap)
         assert fast == ref, (fast, ref)  # random costs: a tie within float32 rounding has never come up
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 9))
+def test_rows_rule_gives_each_row_its_one_token_widths(seed, T):
+    """A batched step's decode rows in one call (`WidthRouter.rows`, `RoutedWidths.rows`) get exactly what each
+    row gets alone through `one_token` / `one`: any mix of prices (NaN: a fixed-width request), caps and floors."""
+    from d2moe.models.widths import RoutedWidths
+
+    router = _router(seed, floored=seed % 2 == 0)
+    g = torch.Generator().manual_seed(seed + 9)
+    x, idx, w = torch.randn(T, 8, generator=g), torch.randint(0, 4, (T, 3), generator=g), torch.rand(T, 3, generator=g)
+    price = torch.rand(T, generator=g) * torch.tensor([0.0, 0.01, 1.0, 50.0])[torch.randint(0, 4, (T,), generator=g)]
+    price[torch.rand(T, generator=g) < 0.3] = float("nan")
+    cap = torch.randint(2, 9, (T,), generator=g)
+    rule = RoutedWidths(router)
+    got = rule.rows(0, x, type("R", (), {"idx": idx, "weight": w})(), cap, price)
+    for t in range(T):
+        alone = rule.one(0, x[t : t + 1], idx[t].tolist(), w[t].tolist(), int(cap[t]), float(price[t]))
+        assert got[t].tolist() == alone, (t, got[t].tolist(), alone)
+    assert rule.rows(7, x, type("R", (), {"idx": idx, "weight": w})(), cap, price).tolist() == cap[:, None].expand(T, 3).tolist()
+
+
+def test_router_logits_are_row_invariant_and_close_to_linear():
+    """Router one's logits through the kernel library: a row's bits are the same alone and among any rows (MKL's
+    GEMM changes them from 1 to 2 rows), within fp32 rounding of F.linear; with a bias too."""
+    from d2moe.models.moe import router_invariant, router_logits
+
+    g = torch.Generator().manual_seed(4)
+    router, b = torch.randn(8, 70, generator=g), torch.randn(8, generator=g)
+    x = torch.randn(33, 70, generator=g)
+    if not router_invariant(router):
+        pytest.skip("no kernel library: routers run a decode row at a time")
+    y = router_logits(x, router, b)
+    torch.testing.assert_close(y, x @ router.T + b, rtol=1e-5, atol=1e-5)
+    for a, e in ((0, 1), (5, 6), (3, 20), (0, 33)):
+        assert torch.equal(router_logits(x[a:e], router, b), y[a:e])
+    assert router_invariant(router.half()) and not router_invariant(router[:, :64])  # a strided view: row by row

@@ -104,6 +104,8 @@ class CpuKernel:
         self.lib.mwq_f16_linear.argtypes = [vp, i64, i64, vp, i64, vp, i32]
         self.lib.mwq_f16_blocks_linear.argtypes = [vp, i64, i64, vp, i64, vp, i32]
         self.lib.mwq_q8_blocks_linear.argtypes = [vp, vp, i64, i64, vp, i64, vp, i32]
+        self.lib.mwq_width_rule_rows.argtypes = [vp, vp, i64, vp, vp, i64, vp, vp, vp]
+        self.lib.mwq_f32_rows_linear.argtypes = [vp, i64, i64, vp, i64, vp]
         self.lib.mwq_width_rule.argtypes = [vp, vp, vp, vp, i64, ctypes.c_double, i64, vp]
         self.lib.mwq_decode_attention.argtypes = [vp, i64, i64, i64, i64, i64, vp, i64, i64, vp, i64, i64, vp, vp,
                                                   ctypes.c_float, vp, i32]
@@ -112,7 +114,7 @@ class CpuKernel:
         for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_decode_rows, self.lib.mwq_experts_ffn,
                   self.lib.mwq_invariant_tokens, self.lib.mwq_int8_linear, self.lib.mwq_rms_norm,
                   self.lib.mwq_f16_linear, self.lib.mwq_f16_blocks_linear, self.lib.mwq_q8_blocks_linear,
-                  self.lib.mwq_decode_attention,
+                  self.lib.mwq_decode_attention, self.lib.mwq_width_rule_rows, self.lib.mwq_f32_rows_linear,
                   self.lib.mwq_width_rule,
                   self.lib.mwq_to_codes, self.lib.mwq_decode_rope_attention):
             f.restype = i32
@@ -221,6 +223,24 @@ class CpuKernel:
         rc = self.lib.mwq_width_rule(ctypes.byref(layer), x.data_ptr(), (ctypes.c_int64 * k)(*idx),
                                      (ctypes.c_double * k)(*weight), k, price, cap, out)
         return None if rc else list(out)
+
+    def width_rule_rows(self, layer: WidthRuleLayer, x: Tensor, idx: Tensor, weight: Tensor, price: Tensor,
+                        cap: Tensor) -> Tensor | None:
+        """`width_rule` for T tokens in one call, each row's widths exactly the one-token call's: x [T, H] fp32,
+        idx [T, k] int64, weight [T, k] fp32, price [T] float64, cap [T] int64 (all contiguous) -> [T, k]
+        int64. None if refused."""
+        T, k = idx.shape
+        out = torch.empty(T, k, dtype=torch.int64)
+        rc = self.lib.mwq_width_rule_rows(ctypes.byref(layer), x.data_ptr(), T, idx.data_ptr(), weight.data_ptr(), k,
+                                          price.data_ptr(), cap.data_ptr(), out.data_ptr())
+        return None if rc else out
+
+    def f32_rows_linear(self, x: Tensor, w: Tensor) -> Tensor:
+        """x [T, K] fp32 contiguous @ w^T for a contiguous fp32 w [N, K] -> [T, N], each entry one dot product
+        in a fixed order: the same bits for a row at any T (routers of a batched step, in one call)."""
+        y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        self.lib.mwq_f32_rows_linear(w.data_ptr(), w.shape[0], w.shape[1], x.data_ptr(), x.shape[0], y.data_ptr())
+        return y
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """RMSNorm of contiguous fp32 x [..., H] with fp32 weight [H] in one call (the sum of squares in

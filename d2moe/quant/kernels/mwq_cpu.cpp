@@ -615,7 +615,11 @@ struct WidthRuleLayer {
     int64_t H, r, E, W;
 };
 
-int mwq_width_rule(const WidthRuleLayer* L, const float* x, const int64_t* idx, const double* weight, int64_t k,
+}  // extern "C"
+
+namespace {
+// Router two's widths for one token (the body of mwq_width_rule and of each row of mwq_width_rule_rows).
+int width_rule_one(const WidthRuleLayer* L, const float* x, const int64_t* idx, const double* weight, int64_t k,
                    double price, int64_t cap, int64_t* out) {
     const int64_t H = L->H, r = L->r, E = L->E, W = L->W;
     if (r > 256 || W < 1) return -1;
@@ -637,6 +641,51 @@ int mwq_width_rule(const WidthRuleLayer* L, const float* x, const int64_t* idx, 
         }
         out[i] = L->widths[choice] < cap ? L->widths[choice] : cap;
     }
+    return 0;
+}
+}  // namespace
+
+extern "C" {
+
+int mwq_width_rule(const WidthRuleLayer* L, const float* x, const int64_t* idx, const double* weight, int64_t k,
+                   double price, int64_t cap, int64_t* out) {
+    return width_rule_one(L, x, idx, weight, k, price, cap, out);
+}
+
+// mwq_width_rule for T tokens in one call: row t is x + t * H, idx/weight/out + t * k (weights fp32, widened
+// to double exactly as a Python float list holds them), price[t], cap[t]. Each row's widths are exactly the
+// one-token call's (batch invariance: a decode row is routed alike alone or in a batched step).
+int mwq_width_rule_rows(const WidthRuleLayer* L, const float* x, int64_t T, const int64_t* idx, const float* weight,
+                        int64_t k, const double* price, const int64_t* cap, int64_t* out) {
+    if (k > 64) return -1;
+    double w[64];
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t i = 0; i < k; ++i) w[i] = (double)weight[t * k + i];
+        const int rc = width_rule_one(L, x + t * L->H, idx + t * k, w, k, price[t], cap[t], out + t * k);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+// y [T, N] = x [T, K] @ w^T for fp32 w [N, K] (routers), each (token, row) one dot product in a fixed order
+// (16 lanes over the columns, then a fixed horizontal sum and the tail): the same bits at any T, which MKL's
+// GEMM does not give (a row's bits change from 1 to 2 rows), so a batched step routes a token as it is
+// routed alone in one call instead of one call per row.
+int mwq_f32_rows_linear(const float* w, int64_t N, int64_t K, const float* x, int64_t T, float* y) {
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < N; ++n) {
+            const float* a = x + t * K;
+            const float* b = w + n * K;
+            int64_t j = 0;
+            float s = 0.f;
+#if defined(__AVX512F__)
+            __m512 acc = _mm512_setzero_ps();
+            for (; j + 16 <= K; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+            s = hsum(acc);
+#endif
+            for (; j < K; ++j) s += a[j] * b[j];
+            y[t * N + n] = s;
+        }
     return 0;
 }
 
