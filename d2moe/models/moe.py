@@ -39,6 +39,13 @@ def router_logits(x: torch.Tensor, router: torch.Tensor, router_b: torch.Tensor 
     return linear(x, router, router_b)
 
 
+def row_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid with the same bits for a row at any row count. torch.sigmoid's CPU kernel computes a vectorized
+    body and a scalar tail differently (within 1 ulp), so an element's bits depend on its position in the
+    flattened tensor (a [T, 8] router: ~25 % of rows differ from the row alone); exp's do not."""
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
 def router_invariant(router: torch.Tensor) -> bool:
     """Whether `router_logits` gives a row the same bits at any row count."""
     if router.dtype == torch.float32:
@@ -57,7 +64,7 @@ def route(x: torch.Tensor, router: torch.Tensor, cfg: ModelConfig, bias: torch.T
         return Routing(idx, torch.ones_like(idx, dtype=torch.float32))
     if cfg.router_scoring == "sparsemixer":
         return sparsemixer(logits, cfg.sparsemixer_eps)
-    scores = logits.softmax(dim=-1) if cfg.router_scoring == "softmax" else logits.sigmoid()  # [T, E]
+    scores = logits.softmax(dim=-1) if cfg.router_scoring == "softmax" else row_sigmoid(logits)  # [T, E]
     if bias is None and cfg.expert_groups == 1:
         weight, idx = scores.topk(cfg.top_k, dim=-1)
     else:
@@ -227,7 +234,7 @@ def add_dense_parts(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: di
     if cfg.shared_expert_intermediate:
         shared = swiglu(x, w[prefix + "shared.w1"], w[prefix + "shared.w3"], w[prefix + "shared.w2"], lin)
         if cfg.shared_expert_gate:
-            shared = torch.sigmoid(lin(x, w[prefix + "shared_gate"])) * shared
+            shared = row_sigmoid(lin(x, w[prefix + "shared_gate"])) * shared
         out = out + shared
     if cfg.absent_expert_bias:  # fp32 [E, H] and its sum over experts, made once by the decoder
         out = out + (w[prefix + "absent_total"] - w[prefix + "absent_bias"][idx].sum(1))

@@ -333,22 +333,21 @@ def ragged_mla_attention(x: torch.Tensor, w: dict, prefix: str, cfg: ModelConfig
 def _route_rows(x: torch.Tensor, w: dict, prefix: str, layer: int, cfg: ModelConfig, plan: StepPlan,
                 token_bits: torch.Tensor, price: torch.Tensor | None,
                 widths: WidthRule | None) -> tuple[Routing, torch.Tensor]:
-    """`moe.route_layer` and the width rule per row-invariant block. The decode rows are routed in one call
-    where the router gives a row the same bits at any row count (`moe.router_invariant`: fp32 routers through
-    the kernel library) and the width rule has a batched form giving each row what a lone decode token gets
-    (`rows`: router two's one-token rule; no rule: the request's width); else one decode row at a time, as
-    before (16 rows x 28 layers of small calls were ~15 % of a 16-row step). Prefill chunks run whole."""
-    d = plan.decode_rows
-    batched = d > 0 and router_invariant(w[prefix + "router"]) and (widths is None or hasattr(widths, "rows"))
+    """`moe.route_layer` and the width rule. All the step's rows are routed in one call where the router gives
+    a row the same bits at any row count (`moe.router_invariant`: fp32 routers through the kernel library) and
+    the width rule decides each row alone (`rows`: router two's one-token rule, which `RoutedWidths` applies to
+    every token, alone or batched; no rule: the request's width). Else per row-invariant block: decode rows
+    one at a time (16 rows x 28 layers of small calls were ~15 % of a 16-row step), prefill chunks whole."""
+    batched = plan.rows > 0 and router_invariant(w[prefix + "router"]) and (widths is None or hasattr(widths, "rows"))
     if batched:
-        blocks = [(0, d)] + [(s.row, s.row + s.length) for s in plan.segments[d:]]
+        blocks = [(0, plan.rows)]
     else:
         blocks = plan.blocks(invariant_rows(w[prefix + "router"]))
     idx, weight, bits = [], [], []
     for a, e in blocks:
         r = route_layer(x[a:e], w, prefix, cfg)
         p = None if price is None else price[a:e]
-        if batched and a == 0 and e == d:
+        if batched:
             bits.append(request_widths(r.idx, token_bits[a:e]) if widths is None
                         else widths.rows(layer, x[a:e], r, token_bits[a:e], p))
         else:

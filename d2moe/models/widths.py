@@ -75,7 +75,9 @@ class RoutedWidths:
 
     def __call__(self, layer: int, x: torch.Tensor, r, token_bits: torch.Tensor,
                  price: torch.Tensor | None) -> torch.Tensor:
-        return routed_widths(self.router, layer, x, r.idx, r.weight, token_bits, price)
+        """Every token by the one-token rule (`rows`): a token's widths never depend on the tokens beside it
+        (`routed_widths`, the tensor form, decides alike but at float32 ties)."""
+        return self.rows(layer, x, r, token_bits, price)
 
     def rows(self, layer: int, x: torch.Tensor, r, token_bits: torch.Tensor, price: torch.Tensor | None) -> torch.Tensor:
         """`one` for each row of x (a batched step's decode rows) in one call: [T,k], row t as `one` gives it."""

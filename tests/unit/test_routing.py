@@ -223,7 +223,7 @@ def test_one_token_fast_path_matches_the_batched_rule(seed, price, cap):
     r = type("R", (), {"idx": idx, "weight": w})()
     assert rule.one(0, x, idx[0].tolist(), w[0].tolist(), cap, float("nan")) == [cap] * 3  # fixed-width token
     assert rule.one(7, x, idx[0].tolist(), w[0].tolist(), cap, price) == [cap] * 3  # a layer without a router
-    assert rule(0, x, r, torch.tensor([cap]), torch.tensor([price]))[0].tolist() == ref
+    assert rule(0, x, r, torch.tensor([cap]), torch.tensor([price]))[0].tolist() == fast  # the one-token rule
 
 
 @settings(max_examples=60, deadline=None)
@@ -283,3 +283,16 @@ def test_router_logits_are_row_invariant_and_close_to_linear():
     for a, e in ((0, 1), (5, 6), (3, 20), (0, 33)):
         assert torch.equal(router_logits(x[a:e], router, b), y[a:e])
     assert router_invariant(router.half()) and not router_invariant(router[:, :64])  # a strided view: row by row
+
+
+def test_row_sigmoid_is_row_invariant_where_torch_sigmoid_is_not():
+    """Sigmoid-scored routers and Qwen2's shared-expert gate: a row's bits alone and among other rows."""
+    from d2moe.models.moe import row_sigmoid
+
+    g = torch.Generator().manual_seed(1)
+    for E in (1, 8, 60):
+        x = torch.randn(37, E, generator=g) * 3
+        y = row_sigmoid(x)
+        torch.testing.assert_close(y, torch.sigmoid(x), rtol=0, atol=2e-7)
+        assert all(torch.equal(row_sigmoid(x[i : i + 1]), y[i : i + 1]) for i in range(37))
+    assert row_sigmoid(torch.tensor([-1e4, 1e4, float("nan")])).tolist()[:2] == [0.0, 1.0]
