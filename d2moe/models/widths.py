@@ -7,7 +7,9 @@ the routing, the request's widths and, for HOBBIT, the widths already resident (
   resident if that is at least the low one; experts past a cumulative gate weight of `skip_after` (in
   descending weight order) are skipped;
 - `static_widths` (EdgeMoE): a per-expert width table caps the token's width.
-- `routed_widths` (dual routing): router two's choice at each token's price (routing/width_router.py).
+- `routed_widths` (dual routing): router two's choice at each token's price (routing/width_router.py), in
+  tensor form; `RoutedWidths`, the rule the engine runs, decides each token by the one-token rule instead
+  (the same choices but at float32 ties, and a token's never depend on its neighbours).
 """
 
 from __future__ import annotations
