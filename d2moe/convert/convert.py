@@ -219,8 +219,8 @@ def _calibration(src: Path) -> dict[str, torch.Tensor]:
 
 
 def _dense_tensor(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> DenseWeight:
-    """Vectors in fp32; matrices in `dtype` (None: as stored). torch.int8 means int8 per row and 64 columns (dense.py) for
-    the matrices that go through `linear`/`embedding`, and fp32 for the small rest (routers, gates)."""
+    """Vectors in fp32; matrices in `dtype` (None: as stored). torch.int8 means int8 per row and 64 columns
+    (dense.py) for the matrices that go through `linear`/`embedding`, and fp32 for the small rest (routers, gates)."""
     if t.dim() < 2:
         return t.float()
     if dtype == torch.int8:
@@ -257,9 +257,9 @@ def convert(
 ) -> Path:
     """Convert `src` into a store at `out` (atomically). Returns `out`.
 
-    Dense matrices are stored in `dense_dtype` (None: as the source stores them; torch.int8: int8
-    with a bf16 scale per row and 64 columns, or per row where the width is not a multiple of 64; models/dense.py); vectors (norms, biases) always in fp32, since they
-    are tiny and feed the fp32 residual stream.
+    Dense matrices are stored in `dense_dtype` (None: as the source stores them; torch.int8: int8 with a bf16
+    scale per row and 64 columns, or per row where the width is not a multiple of 64; models/dense.py);
+    vectors (norms, biases) always in fp32, since they are tiny and feed the fp32 residual stream.
 
     `mwq.method == "gptq"` needs `calib_texts` (never the evaluation text): about `calib_tokens` tokens of
     them run through the fp32 source model, and each layer's experts are quantized from their inputs'

@@ -111,8 +111,9 @@ class Int8Blocks:
     """An int8 matrix [rows, in] held for the VNNI kernel (quant/kernels/mwq_q8_dense.h): blocks of 16 rows,
     each 4 columns of the 16 rows one 64-byte run, [ceil(rows/16), in/4, 16, 4] uint8 holding weight + 128
     (the unsigned operand of a byte multiply-add); scales bf16 [ceil(rows/16), in/64, 16], one per row and 64
-    columns (the stored scales rearranged: loading holds the bytes the file does). Activations are quantized to int8 per 64 columns (Q8_0 x Q8_0, as llama.cpp multiplies):
-    2.4x the fp16 blocks' speed from a few tokens on, half their bytes. Made at load from an `Int8Matrix`
+    columns (the stored scales rearranged: loading holds the bytes the file does). Activations are quantized
+    to int8 per 64 columns (Q8_0 x Q8_0, as llama.cpp multiplies): 2.4x the fp16 blocks' speed from a few
+    tokens on, half their bytes. Made at load from an `Int8Matrix`
     (`block_int8_in_place`, in its own memory); an embedding reads rows out of it (`int8_blocked_rows`)."""
 
     blocks: torch.Tensor

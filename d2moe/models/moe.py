@@ -237,7 +237,8 @@ def add_dense_parts(out: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: di
             shared = row_sigmoid(lin(x, w[prefix + "shared_gate"])) * shared
         out = out + shared
     if cfg.absent_expert_bias:  # fp32 [E, H] and its sum over experts, made once by the decoder
-        out = out + (w[prefix + "absent_total"] - F.embedding(idx, w[prefix + "absent_bias"]).sum(1))  # gather: 2.6x indexing
+        # F.embedding gathers the same rows 2.6x faster than indexing
+        out = out + (w[prefix + "absent_total"] - F.embedding(idx, w[prefix + "absent_bias"]).sum(1))
     return out
 
 

@@ -81,7 +81,8 @@ class RoutedWidths:
         (`routed_widths`, the tensor form, decides alike but at float32 ties)."""
         return self.rows(layer, x, r, token_bits, price)
 
-    def rows(self, layer: int, x: torch.Tensor, r, token_bits: torch.Tensor, price: torch.Tensor | None) -> torch.Tensor:
+    def rows(self, layer: int, x: torch.Tensor, r, token_bits: torch.Tensor,
+             price: torch.Tensor | None) -> torch.Tensor:
         """`one` for each row of x (a batched step's decode rows) in one call: [T,k], row t as `one` gives it."""
         fixed = request_widths(r.idx, token_bits)
         if price is None or layer not in self.router.layers:

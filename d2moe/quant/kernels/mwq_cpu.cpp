@@ -24,8 +24,9 @@
 //
 // Files: mwq_common.h (view, coefficients, byte-code layout, int16 activations), mwq_float.h (float kernels),
 // mwq_int16.h (masked int16 kernel, GFNI code rebuild), mwq_octets.h (the msb kernel and its layout),
-// mwq_int8_dense.h (per-row int8 dense matrices), mwq_q8_dense.h (int8 blocks x int8 activations), mwq_f16_dense.h (fp16 dense matrices), mwq_attention.h
-// (decode attention), this file (dispatch, threading, C API).
+// mwq_int8_dense.h (per-row int8 dense matrices), mwq_q8_dense.h (int8 blocks x int8 activations),
+// mwq_f16_dense.h (fp16 dense matrices), mwq_attention.h (decode attention), this file (dispatch, threading,
+// C API).
 
 #include "mwq_common.h"
 #include "mwq_float.h"
@@ -491,7 +492,8 @@ int mwq_q8_blocks_linear(const uint8_t* w, const uint16_t* ws, int64_t N, int64_
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) quantize_q8(x + t * K, 1, K, x8.data() + t * K, sx.data() + t * G, cx.data() + t * G);
+        for (int64_t t = 0; t < T; ++t)
+            quantize_q8(x + t * K, 1, K, x8.data() + t * K, sx.data() + t * G, cx.data() + t * G);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const uint8_t* blk = w + b * 16 * K;
