@@ -20,15 +20,7 @@ against fp16 blocks, one token 2.1 -> 1.1 ms; a token gets the same bits at any 
 through d2moe's VNNI kernel on int16 activations for a few tokens (`_weight_int8pack_mm` the fallback) and
 dequantizes cache-sized chunks for bf16 GEMMs beyond; `int8_linear_reference` is the plain fp32 definition.
 
-fp16 matrices (`convert --dense-dtype float16`) go through d2moe's fp16 kernel
-(quant/kernels/mwq_f16_dense.h): torch's CPU fp16 GEMM rounds activations to fp16 and costs time linear in
-rows (the default model's head: 3.3 ms for one row, 48 ms for 16, 380 ms for 128); the kernel keeps them
-fp32 (~2000x more exact), streams the weights once and costs 2.0 / 17 / 107 ms. `F.linear` in the matrix's
-dtype is the fallback (no AVX-512, in % 16 != 0) and the reference. A layer's fp16 q|k|v, o and dense FFN
-matrices are held from load as `Float16Blocks` (16 rows side by side per column; `block_dense_matrices`):
-one load per column for 16 rows and one broadcast per activation, no horizontal sums; the 960 x 576 fused
-q|k|v at 16 tokens 0.22 -> 0.16 ms, at one token 0.031 -> 0.024 ms (one core). The fp16 head and embedding
-too: the embedding reads a token's row out of its block (`blocked_rows`), so a tied head needs no copy.
+fp16 matrices: `dense_f16.py`. `block_dense_matrices` blocks both kinds at load.
 """
 
 from __future__ import annotations
@@ -40,6 +32,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from d2moe.models.dense_f16 import (
+    BLOCK_ROWS,
+    Float16Blocks,
+    block_float16_in_place,
+    contiguous_f32,
+    unblock_float16,
+)
 from d2moe.quant.kernels.cpu import load_kernel
 
 # last name part; MLA's wkv_b stays float: it is used per head as a batched matmul (models/mla.py)
@@ -81,32 +80,6 @@ class Int8Matrix:
 
 
 @dataclass(frozen=True, eq=False)
-class Float16Blocks:
-    """An fp16 matrix [rows, in] held for the kernel as blocks of 16 rows side by side, [ceil(rows/16), in, 16]
-    (rows past the end zero): a column's 16 weights are one load and a token's activation one broadcast, so
-    products of a few or many tokens need no horizontal sums (quant/kernels/mwq_f16_dense.h `f16_block`:
-    ~1.3-1.5x the row-major kernel from 4 tokens on, the same at one). Made at load (`block_dense_matrices`);
-    an embedding reads its rows out of the blocks (`blocked_rows`), so a tied head needs no second copy."""
-
-    blocks: torch.Tensor
-    n_rows: int
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.n_rows, self.blocks.shape[1]))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.blocks.dtype
-
-    def rows(self, start: int, stop: int) -> Float16Blocks:
-        """Rows [start, stop) as a view; start a multiple of 16, stop too unless it is the end."""
-        if start % BLOCK_ROWS or (stop % BLOCK_ROWS and stop != self.n_rows):
-            raise ValueError(f"rows {start}:{stop} do not fall on {BLOCK_ROWS}-row blocks")
-        return Float16Blocks(self.blocks[start // BLOCK_ROWS : -(-stop // BLOCK_ROWS)], stop - start)
-
-
-@dataclass(frozen=True, eq=False)
 class Int8Blocks:
     """An int8 matrix [rows, in] held for the VNNI kernel (quant/kernels/mwq_q8_dense.h): blocks of 16 rows,
     each 4 columns of the 16 rows one 64-byte run, [ceil(rows/16), in/4, 16, 4] uint8 holding weight + 128
@@ -137,7 +110,6 @@ class Int8Blocks:
 
 
 DenseWeight = torch.Tensor | Int8Matrix | Float16Blocks | Int8Blocks
-BLOCK_ROWS = 16
 BLOCKED_MATRICES = frozenset({"wqkv", "wq", "wk", "wv", "wo", "w1", "w2", "w3"})  # in each layer
 BLOCKED_TOP = frozenset({"embed", "lm_head"})  # the head (and the embedding, often the same matrix)
 
@@ -200,11 +172,6 @@ def kernel_fits(m: Int8Matrix) -> bool:
     return q.shape[1] % KERNEL_K_MULTIPLE == 0 and q.is_contiguous() and q.data_ptr() % 16 == 0
 
 
-def _contiguous_f32(x: torch.Tensor) -> torch.Tensor:
-    x = x if x.dtype == torch.float32 else x.float()
-    return x if x.is_contiguous() else x.contiguous()
-
-
 def int8_linear(x: torch.Tensor, m: Int8Matrix) -> torch.Tensor:
     """x [..., in] float -> [..., out] fp32. Few rows: d2moe's int8 kernel on int16 activations (2-3x torch's
     below, and ~100x more exact; in % 64 == 0 and AVX-512 VNNI), else torch's int8 GEMV kernel on bf16
@@ -219,10 +186,10 @@ def int8_linear(x: torch.Tensor, m: Int8Matrix) -> torch.Tensor:
         out = torch.empty(x2.shape[0], N, dtype=torch.float32)
         rows = max(1, DEQUANT_CHUNK // K)
         for a in range(0, N, rows):
-            torch.matmul(_contiguous_f32(x2), dequantize_int8(m.rows(a, min(a + rows, N))).T, out=out[:, a:a + rows])
+            torch.matmul(contiguous_f32(x2), dequantize_int8(m.rows(a, min(a + rows, N))).T, out=out[:, a:a + rows])
         return out.view(*lead, N)
     if x2.shape[0] <= KERNEL_MAX_TOKENS and (kernel := load_kernel()) is not None and m.q.is_contiguous():
-        y = kernel.int8_linear(_contiguous_f32(x2), m.q, m.scale)
+        y = kernel.int8_linear(contiguous_f32(x2), m.q, m.scale)
         if y is not None:  # d2moe's VNNI kernel on int16 activations (quant/kernels/mwq_int8_dense.h)
             return y.view(*lead, N)
     if x2.shape[0] <= KERNEL_MAX_TOKENS and kernel_fits(m):
@@ -237,64 +204,6 @@ def int8_linear(x: torch.Tensor, m: Int8Matrix) -> torch.Tensor:
         b = min(a + rows, N)
         torch.mul(F.linear(xb, m.q[a:b].to(torch.bfloat16)), scale[a:b], out=out[:, a:b])
     return out.view(*lead, N)
-
-
-def float16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., in] float -> x @ w.T [..., out] fp32 for an fp16 w [out, in]: d2moe's kernel (fp32
-    activations, the same bits for a row at any row count), or torch's fp16 GEMM where it has none."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    if w.is_contiguous() and (kernel := load_kernel()) is not None:
-        y = kernel.f16_linear(_contiguous_f32(x.reshape(-1, K)), w)
-        if y is not None:
-            return y.view(*lead, w.shape[0])
-    return float16_linear_reference(x, w)
-
-
-def float16_linear_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """torch's fp16 product (activations rounded to fp16), fp32 out."""
-    return F.linear(x.to(w.dtype), w).float()
-
-
-def block_float16(w: torch.Tensor) -> Float16Blocks:
-    """fp16 [rows, in] -> its blocks in new memory, any row count (the last block padded with zero rows)."""
-    rows, n_in = w.shape
-    padded = torch.zeros(-(-rows // BLOCK_ROWS) * BLOCK_ROWS, n_in, dtype=w.dtype)
-    padded[:rows] = w
-    return Float16Blocks(block_float16_in_place(padded).blocks, rows)
-
-
-def block_float16_in_place(w: torch.Tensor) -> Float16Blocks:
-    """The blocks of a contiguous fp16 w [rows, in] with rows % 16 == 0, in w's own memory (w is overwritten:
-    block b occupies the same 16 x in values as its rows did). One matrix-sized temporary, freed at once: a
-    copy per matrix left the freed originals in the heap (+40 MiB peak RSS on the default model)."""
-    rows, n_in = w.shape
-    if rows % BLOCK_ROWS or not w.is_contiguous():
-        raise ValueError(f"in-place blocks need contiguous rows in multiples of {BLOCK_ROWS}, not {tuple(w.shape)}")
-    tmp = w.view(rows // BLOCK_ROWS, BLOCK_ROWS, n_in).transpose(1, 2).contiguous()
-    w.copy_(tmp.view(rows, n_in))
-    del tmp
-    return Float16Blocks(w.view(rows // BLOCK_ROWS, n_in, BLOCK_ROWS), rows)
-
-
-def unblock_float16(b: Float16Blocks) -> torch.Tensor:
-    """The fp16 matrix [rows, in] the blocks hold (a copy)."""
-    return b.blocks.transpose(1, 2).reshape(-1, b.blocks.shape[1])[: b.n_rows].contiguous()
-
-
-def float16_blocks_linear(x: torch.Tensor, b: Float16Blocks) -> torch.Tensor:
-    """x [..., in] float -> x @ W.T [..., rows] fp32: d2moe's blocked kernel (fp32 activations; the same bits
-    for a row at any row count), or the fp32 reference where it has none."""
-    lead, K = x.shape[:-1], x.shape[-1]
-    if (kernel := load_kernel()) is not None:
-        y = kernel.f16_blocks_linear(_contiguous_f32(x.reshape(-1, K)), b.blocks, b.n_rows)
-        if y is not None:
-            return y.view(*lead, b.n_rows)
-    return float16_blocks_linear_reference(x, b)
-
-
-def float16_blocks_linear_reference(x: torch.Tensor, b: Float16Blocks) -> torch.Tensor:
-    """The fp32 product with the fp16 weights (exact in fp32), the definition the kernel is tested against."""
-    return x.float() @ unblock_float16(b).float().T
 
 
 # ---- int8 blocks: Q8_0 x Q8_0 ---------------------------------------------------------------------------------
@@ -346,7 +255,7 @@ def int8_blocks_linear(x: torch.Tensor, b: Int8Blocks) -> torch.Tensor:
     a row at any row count), or the reference where this build has none."""
     lead, K = x.shape[:-1], x.shape[-1]
     if (kernel := load_kernel()) is not None:
-        y = kernel.q8_blocks_linear(_contiguous_f32(x.reshape(-1, K)), b.blocks, b.scales, b.n_rows)
+        y = kernel.q8_blocks_linear(contiguous_f32(x.reshape(-1, K)), b.blocks, b.scales, b.n_rows)
         if y is not None:
             return y.view(*lead, b.n_rows)
     return int8_blocks_linear_reference(x.reshape(-1, K), b).view(*lead, b.n_rows)
@@ -422,11 +331,6 @@ def as_float(w: DenseWeight) -> torch.Tensor:
 
 
 # ---- embedding ----------------------------------------------------------------------------------------------
-
-
-def blocked_rows(tokens: torch.Tensor, b: Float16Blocks) -> torch.Tensor:
-    """tokens [...] -> rows of the blocked matrix [..., in] fp32 (row r is lane r % 16 of block r // 16)."""
-    return b.blocks[tokens // BLOCK_ROWS, :, tokens % BLOCK_ROWS].float()
 
 
 def int8_embedding(tokens: torch.Tensor, m: Int8Matrix) -> torch.Tensor:

@@ -16,17 +16,14 @@ import torch.nn.functional as F
 from d2moe.config import ModelConfig, RopeScaling
 from d2moe.models.dense import (
     DenseWeight,
-    Float16Blocks,
     Int8Blocks,
     Int8Matrix,
-    blocked_rows,
-    float16_blocks_linear,
     int8_blocked_rows,
     int8_blocks_linear,
-    float16_linear,
     int8_embedding,
     int8_linear,
 )
+from d2moe.models.dense_f16 import Float16Blocks, blocked_rows, float16_blocks_linear, float16_linear
 from d2moe.models.kv_window import cache_len, is_ring, ring_write, window_keys
 from d2moe.quant.kernels.cpu import load_kernel
 

@@ -14,7 +14,7 @@ exactly the shapes that sequence has alone; the MoE block shares `moe.route_laye
 
 Batching invariance: a sequence's tokens must come out bit-identical whatever else shares the step. CPU
 kernels are row-invariant only within limits, measured here (2 cores, AVX-512, torch 2.13):
-- fp16: d2moe's kernel (models/dense.py `float16_linear`), bf16 `F.linear`: the same bits for a row at any row count;
+- fp16: d2moe's kernel (models/dense_f16.py `float16_linear`), bf16 `F.linear`: the same bits for a row at any row count;
 - int8 `_weight_int8pack_mm`: the same bits up to KERNEL_MAX_TOKENS rows; beyond, a bf16 GEMM;
 - int8 blocks (`int8_blocks_linear`, each token's activations quantized alone): the same bits at any row count;
 - fp32 `F.linear` (MKL): a row's bits change with the row count, even from 1 to 2 rows;
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
 from d2moe.models.decoder import MoEDecoder
-from d2moe.models.dense import KERNEL_MAX_TOKENS, DenseWeight, Float16Blocks, Int8Blocks, Int8Matrix
+from d2moe.models.dense import KERNEL_MAX_TOKENS, DenseWeight, Int8Blocks, Int8Matrix
+from d2moe.models.dense_f16 import Float16Blocks
 from d2moe.models.expert_provider import ExpertProvider
 from d2moe.models.kv_window import cache_len, is_ring, ring_write, window_keys
 from d2moe.models.layers import (

@@ -7,16 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2moe.models.dense import (
+from d2moe.models.dense import block_dense_matrices, dense_nbytes, fuse_qkv
+from d2moe.models.dense_f16 import (
     Float16Blocks,
     block_float16,
-    block_dense_matrices,
-    dense_nbytes,
     float16_blocks_linear,
     float16_blocks_linear_reference,
     float16_linear,
     float16_linear_reference,
-    fuse_qkv,
     unblock_float16,
 )
 from d2moe.models.layers import linear
@@ -71,7 +69,7 @@ def test_float16_linear_falls_back_where_the_kernel_has_no_shape():
 
 @pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (40, 64), (7, 48), (16, 2)])
 def test_f16_blocks_kernel_is_exact_and_batch_invariant(shape):
-    """The blocked layout (models/dense.py `Float16Blocks`, 16 rows side by side per column): within fp32
+    """The blocked layout (models/dense_f16.py `Float16Blocks`, 16 rows side by side per column): within fp32
     summation error of the float64 product, rows past a partial last block never written, and a row's bits
     the same alone, in tiles of 8, 4 or 1 tokens, and with any neighbours."""
     _kernel()  # skips without the AVX-512 kernel

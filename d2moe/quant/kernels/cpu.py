@@ -162,7 +162,7 @@ class CpuKernel:
 
     def f16_blocks_linear(self, x: Tensor, blocks: Tensor, rows: int) -> Tensor | None:
         """x [T, K] float32 (contiguous) @ W^T -> [T, rows] float32 for fp16 blocks [ceil(rows/16), K, 16] (see
-        models/dense.py `Float16Blocks`). None where this build has no kernel: the caller keeps the reference."""
+        models/dense_f16.py `Float16Blocks`). None where this build has no kernel: the caller keeps the reference."""
         K = blocks.shape[1]
         y = torch.empty(x.shape[0], rows, dtype=torch.float32)
         rc = self.lib.mwq_f16_blocks_linear(blocks.data_ptr(), rows, K, x.data_ptr(), x.shape[0], y.data_ptr(),

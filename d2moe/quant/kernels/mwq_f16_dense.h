@@ -46,7 +46,7 @@ void f16_rows(const uint16_t* w, int64_t K, const float* x, int64_t T, float* y,
 }  // namespace
 
 // ---- blocked fp16: [N/16 blocks][K][16 rows] ----------------------------------------------------------------
-// models/dense.py `Float16Blocks`: the 16 rows of a block side by side per column, so a column's 16 weights are
+// models/dense_f16.py `Float16Blocks`: the 16 rows of a block side by side per column, so a column's 16 weights are
 // one load and each token's activation one broadcast: no horizontal sums, and a weight conversion is shared by
 // every token of the tile (the row-major tiles above run ~27 G multiply-adds/s on one core from 4 tokens on,
 // this ~50). Each (row, token) sums its columns in two chains, even and odd columns, added at the end: the
