@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from d2moe.config import ModelConfig
 from d2moe.models.expert_provider import ExpertFn, ExpertProvider, weighted_sum
+from d2moe.models.dense_f16 import contiguous_f32
 from d2moe.models.layers import Linear, clamped_swiglu, linear, swiglu
 from d2moe.models.widths import request_widths
 from d2moe.quant.kernels.cpu import load_kernel
@@ -33,8 +34,8 @@ def router_logits(x: torch.Tensor, router: torch.Tensor, router_b: torch.Tensor 
     """x [T, H] -> router one's logits [T, E] fp32. An fp32 router goes through the kernel library's fixed-order
     dot products (the same bits for a row at any T: a batched step routes all its decode rows in one call as
     each would be routed alone); otherwise, or without the library, `linear` (the reference)."""
-    if router.dtype == torch.float32 and router.dim() == 2 and router.is_contiguous() and (k := load_kernel()):
-        y = k.f32_rows_linear(x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous(), router)
+    if router.dtype == torch.float32 and router_invariant(router):
+        y = load_kernel().f32_rows_linear(contiguous_f32(x), router)
         return y if router_b is None else y + router_b
     return linear(x, router, router_b)
 
