@@ -14,7 +14,8 @@ layers). These costs train router two (`fit.py`) and give each expert's sensitiv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,19 @@ def _teacher(model: LoadedModel, widest: int) -> MoEDecoder:
     return MoEDecoder(cfg, dense, TensorExpertProvider(tensors))
 
 
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """torch's deterministic algorithms for the block: with two or more threads the backward pass's Fisher
+    diagonals otherwise differ run to run (~1e-5), and router two, fitted on them, decides differently
+    enough to move a tier's perplexity by ~0.3 %."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def collect(model: LoadedModel, windows: torch.Tensor, widths: list[int],
             progress: Callable[[str, int], None] | None = None) -> dict[int, LayerRecord]:
     """Per MoE layer: inputs, routing and the cost of every width, over `windows` [N, C] of token ids.
@@ -78,7 +92,7 @@ def collect(model: LoadedModel, windows: torch.Tensor, widths: list[int],
 
         teacher.tap = tap
         tokens = window.view(1, -1)
-        with torch.enable_grad():
+        with torch.enable_grad(), deterministic():
             logits = teacher.run(tokens, teacher.new_cache(1, tokens.shape[1]), widest)
             loss = F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:], reduction="sum")
             loss.backward()

@@ -19,6 +19,7 @@ from d2moe.engine.model import open_model
 from d2moe.engine.sampling import SamplingParams
 from d2moe.routing.calibrate import calibrate
 from d2moe.routing.calibration import CALIBRATION_FILE
+from d2moe.routing.collect import collect
 from d2moe.routing.fit import FitConfig
 from d2moe.routing.tiers import TIER_BYTE_TARGETS, PricePoint, interpolate_price
 from d2moe.routing.width_router import ROUTER_FILE, LayerRouter, WidthRouter
@@ -118,6 +119,22 @@ def test_calibrate_writes_a_complete_calibration(stores):
     assert len(data["static_widths"]) == len(layers)
     pop = data["experts"][layers[0]]["popularity"]
     assert sum(pop) == pytest.approx(1.0)
+
+
+def test_collect_is_deterministic_and_restores_torch_flags(stores):
+    """Router two is fitted on these costs; the same text must give the same costs, hence the same router."""
+    plain, _, _ = stores
+    ids = torch.randint(3, 200, (2, 64), generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with open_model(plain) as m:
+            a, b = collect(m, ids, [2, 3, 8]), collect(m, ids, [2, 3, 8])
+    finally:
+        torch.set_num_threads(threads)
+    assert a.keys() == b.keys() and all(torch.equal(a[L].cost, b[L].cost) for L in a)
+    assert any(bool(a[L].cost.abs().sum() > 0) for L in a)
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def _gen(model, choice, n: int = 8) -> list[int]:
