@@ -15,7 +15,9 @@ from d2moe.routing.width_router import ROUTER_FILE, WidthRouter
 from d2moe.storage.format import StoreError
 
 CALIBRATION_FILE = "calibration.json"
-CALIBRATION_VERSION = 2  # 2: router two with its width floors (width_router.py)
+# 2: router two with its width floors (width_router.py); 3: deterministic costs (collect.py), and the default
+# model calibrated on 16 windows
+CALIBRATION_VERSION = 3
 
 
 @dataclass(frozen=True)
