@@ -137,8 +137,8 @@ def serve_pattern(args: argparse.Namespace) -> int:
             best = sorted(runs, key=lambda r: r["tok_per_s"])[len(runs) // 2]  # the median run
             result["serve_pattern"][n] = {**best, "runs": [r["tok_per_s"] for r in runs]}
             print(f"clients {n:2d}: {best['tok_per_s']:.1f} tok/s (runs {[r['tok_per_s'] for r in runs]}); "
-                  f"{best['prompt_tokens']} prompt tokens ({best['prompt_rows']} computed, the rest from the prefix cache) "
-                  f"for {best['generated']} generated, {best['steps']} steps")
+                  f"{best['prompt_tokens']} prompt tokens ({best['prompt_rows']} computed, the rest from the "
+                  f"prefix cache) for {best['generated']} generated, {best['steps']} steps")
     write_result(args.out, "batching", result)
     return 0
 
