@@ -69,7 +69,6 @@ from d2moe.models.moe import (
     route_layer,
     router_invariant,
 )
-from d2moe.models.widths import request_widths
 
 UNBOUNDED = 1 << 30
 PREFETCH_MAX_ROWS = 8  # decode-only steps up to this many sequences predict the next layer's experts
@@ -347,12 +346,7 @@ def _route_rows(x: torch.Tensor, w: dict, prefix: str, layer: int, cfg: ModelCon
     idx, weight, bits = [], [], []
     for a, e in blocks:
         r = route_layer(x[a:e], w, prefix, cfg)
-        p = None if price is None else price[a:e]
-        if batched:
-            bits.append(request_widths(r.idx, token_bits[a:e]) if widths is None
-                        else widths.rows(layer, x[a:e], r, token_bits[a:e], p))
-        else:
-            bits.append(chosen_widths(layer, x[a:e], r, token_bits[a:e], p, widths))
+        bits.append(chosen_widths(layer, x[a:e], r, token_bits[a:e], None if price is None else price[a:e], widths))
         idx.append(r.idx)
         weight.append(r.weight)
     return Routing(torch.cat(idx), torch.cat(weight)), torch.cat(bits)

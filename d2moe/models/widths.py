@@ -57,14 +57,20 @@ def routed_widths(router: WidthRouter, layer: int, x: torch.Tensor, idx: torch.T
                   token_bits: torch.Tensor, price: torch.Tensor | None) -> torch.Tensor:
     """Router two's widths for tokens with a price, capped at the token's width; tokens without one
     (None or NaN: a fixed-width request) keep their width."""
+    return _priced_rows(router, layer, idx, token_bits, price, lambda m: torch.minimum(
+        router.widths_for(layer, x[m], idx[m], weight[m], price[m]), request_widths(idx[m], token_bits[m])))
+
+
+def _priced_rows(router: WidthRouter, layer: int, idx: torch.Tensor, token_bits: torch.Tensor,
+                 price: torch.Tensor | None, decide) -> torch.Tensor:
+    """[T,k]: every chosen expert at its token's width, except the rows with a price (not NaN) in a layer
+    router two covers, which get `decide(mask)` ([rows, k] for the masked rows)."""
     fixed = request_widths(idx, token_bits)
     if price is None or layer not in router.layers:
         return fixed
     routed = ~torch.isnan(price)
-    if not routed.any():
-        return fixed
-    chosen = router.widths_for(layer, x[routed], idx[routed], weight[routed], price[routed])
-    fixed[routed] = torch.minimum(chosen, fixed[routed])
+    if routed.any():
+        fixed[routed] = decide(routed)
     return fixed
 
 
@@ -84,14 +90,8 @@ class RoutedWidths:
     def rows(self, layer: int, x: torch.Tensor, r, token_bits: torch.Tensor,
              price: torch.Tensor | None) -> torch.Tensor:
         """`one` for each row of x (a batched step's decode rows) in one call: [T,k], row t as `one` gives it."""
-        fixed = request_widths(r.idx, token_bits)
-        if price is None or layer not in self.router.layers:
-            return fixed
-        routed = ~torch.isnan(price)
-        if routed.any():
-            fixed[routed] = self.router.rows(layer, x[routed], r.idx[routed], r.weight[routed], price[routed],
-                                             token_bits[routed])
-        return fixed
+        return _priced_rows(self.router, layer, r.idx, token_bits, price, lambda m: self.router.rows(
+            layer, x[m], r.idx[m], r.weight[m], price[m], token_bits[m]))
 
     def one(self, layer: int, x: torch.Tensor, idx: list[int], weight: list[float], bits: int,
             price: float | None) -> list[int]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from d2moe.models.dense_f16 import contiguous_f32
 from d2moe.quant.kernels.cpu import WidthRuleLayer, load_kernel, width_rule_layer
 
 ROUTER_FILE = "width_router.safetensors"
@@ -120,8 +121,7 @@ class WidthRouter:
         float32 rounding (tested against it)."""
         kernel = load_kernel()
         if kernel is not None:
-            xf = x.reshape(-1)
-            xf = xf if xf.dtype == torch.float32 and xf.is_contiguous() else xf.float().contiguous()
+            xf = contiguous_f32(x.reshape(-1))
             out = kernel.width_rule(self._kernel_layers[layer], xf, idx, weight, price, cap)
             if out is not None:
                 floor = self._floor_one(price)
@@ -136,9 +136,9 @@ class WidthRouter:
         kernel = load_kernel()
         out = None
         if kernel is not None:
-            xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-            out = kernel.width_rule_rows(self._kernel_layers[layer], xf, idx.contiguous(), weight.float().contiguous(),
-                                         price.double().contiguous(), cap.to(torch.int64).contiguous())
+            out = kernel.width_rule_rows(self._kernel_layers[layer], contiguous_f32(x), idx.contiguous(),
+                                         weight.float().contiguous(), price.double().contiguous(),
+                                         cap.to(torch.int64).contiguous())
         if out is None:
             return torch.tensor([self.one_token(layer, x[t : t + 1], idx[t].tolist(), weight[t].tolist(),
                                                 float(price[t]), int(cap[t])) for t in range(x.shape[0])],
