@@ -172,7 +172,8 @@ def grouped_experts(
     prefill chunk (its first row in `chunk_starts`) whole, unless all of the expert's rows fit in one such
     piece: then they run in one call (each row gets the bits it gets in its own chunk's call, which is no
     larger; a step prefilling 8 prompts made ~8 x more, smaller calls); without `chunk_starts`, all tokens in
-    one call."""
+    one call. A ready batch's pieces go to the expert type's `run_spans` when it has one (the CPU kernel: one
+    call for all of them, bit for bit the per-piece loop kept below as its reference)."""
     T, k = routing.idx.shape
     if T == 1 and runner is None and not cfg.expert_input_weighted:
         return _one_row(xf, routing, bits, layer, provider)
@@ -191,17 +192,21 @@ def grouped_experts(
     ys = torch.zeros_like(xs)  # skipped rows stay 0
     tok = tokens.tolist() if chunk_starts is not None else []
     ends = None if chunk_starts is None else [*chunk_starts, T]
+    fused = runner is None and not cfg.expert_input_weighted  # plain weight * expert(x): one call per batch
     for batch in provider.experts(layer, demands):
+        pieces = []  # (expert, fn, a, e): ys[a:e] = ws[a:e] * fn(xs[a:e])
         for expert, b, fn in batch:
             a0, a1 = groups[expert * 16 + b]
             piece = 1 if ends is None else getattr(fn, "invariant_tokens", 1)
             if ends is None or a1 - a0 <= piece:  # every row's bits as in a call of its own rows alone
-                spans = [(a0, a1)]
-            else:
-                cuts = [bisect_left(tok, c, a0, a1) for c in ends]  # decode rows end at cuts[0]
-                spans = [(a, min(a + piece, cuts[0])) for a in range(a0, cuts[0], piece)]
-                spans += [(a, e) for a, e in zip(cuts, cuts[1:]) if e > a]
-            for a, e in spans:
+                pieces.append((expert, fn, a0, a1))
+                continue
+            cuts = [bisect_left(tok, c, a0, a1) for c in ends]  # decode rows end at cuts[0]
+            pieces += [(expert, fn, a, min(a + piece, cuts[0])) for a in range(a0, cuts[0], piece)]
+            pieces += [(expert, fn, a, e) for a, e in zip(cuts, cuts[1:]) if e > a]
+        spans = getattr(type(pieces[0][1]), "run_spans", None) if fused and pieces else None
+        if spans is None or not spans([p[1:] for p in pieces], xs, ws, ys):
+            for expert, fn, a, e in pieces:  # the reference: one call per piece
                 ys[a:e] = weighted_expert(expert, fn, xs[a:e], ws[a:e], runner, cfg)
     # one index_add_ in the sorted order: each token's experts added in (expert, bits) order, as `_one_row`
     return torch.zeros_like(xf).index_add_(0, tokens, ys)

@@ -97,6 +97,7 @@ class CpuKernel:
         self.lib.mwq_decode.argtypes = [vp, i32, vp, i32]
         self.lib.mwq_decode_rows.argtypes = [vp, i32, i64, i64, vp, i32]
         self.lib.mwq_experts_ffn.argtypes = [i32, vp, i32, vp, i64, vp, vp, vp, i32, i32]
+        self.lib.mwq_spans_ffn.argtypes = [i32, vp, vp, vp, i64, vp, vp, vp, vp, i32]
         self.lib.mwq_invariant_tokens.argtypes = [vp, i32]
         self.lib.mwq_to_codes.argtypes = [vp, i32]
         self.lib.mwq_int8_linear.argtypes = [vp, vp, i64, i64, vp, i64, vp, i32]
@@ -112,6 +113,7 @@ class CpuKernel:
         self.lib.mwq_decode_rope_attention.argtypes = [vp, i64, i64, i64, i64, vp, vp, vp, i64, i64, vp, i64, i64,
                                                        vp, vp, i64, ctypes.c_float, vp, i32]
         for f in (self.lib.mwq_matmul, self.lib.mwq_decode, self.lib.mwq_decode_rows, self.lib.mwq_experts_ffn,
+                  self.lib.mwq_spans_ffn,
                   self.lib.mwq_invariant_tokens, self.lib.mwq_int8_linear, self.lib.mwq_rms_norm,
                   self.lib.mwq_f16_linear, self.lib.mwq_f16_blocks_linear, self.lib.mwq_q8_blocks_linear,
                   self.lib.mwq_decode_attention, self.lib.mwq_width_rule_rows, self.lib.mwq_f32_rows_linear,
@@ -295,6 +297,20 @@ class CpuKernel:
             raise ValueError(f"expert shapes unsupported by the CPU kernel (code {rc})")
         return y
 
+    def spans_ffn(self, mats: list[int], bits: list[int], spans: list[int], x: Tensor, w: Tensor, y: Tensor,
+                  inter: int) -> None:
+        """y[a:e] = w[a:e, None] * expert_s(x[a:e]) for every span s = (spans[2s], spans[2s+1]) in one call:
+        expert s is mats[3s:3s+3] (addresses of its w1, w3, w2 structs, kept alive by the caller) at bits[s].
+        x [N, H], y [N, H] float32 contiguous, w [N] float32; spans disjoint, rows outside them untouched."""
+        n = len(bits)
+        act = torch.empty(sum(spans[1::2]) - sum(spans[::2]), inter, dtype=torch.float32)
+        rc = self.lib.mwq_spans_ffn(
+            n, (ctypes.c_void_p * len(mats))(*mats), (ctypes.c_int * n)(*bits), (ctypes.c_int64 * (2 * n))(*spans),
+            x.shape[0], x.data_ptr(), w.data_ptr(), act.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        )
+        if rc:
+            raise ValueError(f"expert shapes or spans unsupported by the CPU kernel (code {rc})")
+
     def expert_ffn(self, x: Tensor, packed: dict[str, PackedMatrix], bits: int, exact: bool = False) -> Tensor:
         """Whole SwiGLU expert for few tokens in one call (x [T, H] float32); shapes as expert_ffn checks."""
         structs = [_mat(packed[n]) for n in ("w1", "w3", "w2")]
@@ -365,6 +381,32 @@ class BoundExpert:
         addrs = [a for e in experts for a in e._addrs]
         w = torch.tensor(weights, dtype=torch.float32)
         return first.kernel.experts_ffn(first.bits, addrs, w, _as_input(x, first.hidden), first.inter)
+
+
+    @staticmethod
+    def run_spans(pieces: list[tuple[BoundExpert, int, int]], xs: Tensor, ws: Tensor, ys: Tensor) -> bool:
+        """ys[a:e] = ws[a:e] * fn(xs[a:e]) for every (fn, a, e) piece, bit for bit as one call per piece,
+        in as few kernel calls as the scratch bound allows (a layer's experts share one parallel region).
+        xs, ys [N, H] and ws [N, 1] float32 contiguous. False (nothing written) when the pieces cannot share
+        a call: torch path, mixed kernels or shapes, a piece beyond its expert's few-token kernel."""
+        first = pieces[0][0] if pieces else None
+        if first is None or not all(
+            isinstance(fn, BoundExpert) and fn.fast and fn.kernel is first.kernel and fn.hidden == first.hidden
+            and fn.inter == first.inter and e - a <= fn.small_t for fn, a, e in pieces
+        ) or not all(t.is_contiguous() and t.dtype == torch.float32 for t in (xs, ws, ys)):
+            return False
+        rows_per_call = max(1, DECODE_BLOCK // first.inter)  # the [rows, I] activations stay ~4 MiB
+        start = 0
+        while start < len(pieces):
+            stop, rows = start, 0
+            while stop < len(pieces) and (stop == start or rows + pieces[stop][2] - pieces[stop][1] <= rows_per_call):
+                rows += pieces[stop][2] - pieces[stop][1]
+                stop += 1
+            part = pieces[start:stop]
+            first.kernel.spans_ffn([m for fn, _, _ in part for m in fn._addrs], [fn.bits for fn, _, _ in part],
+                                   [v for _, a, e in part for v in (a, e)], xs, ws, ys, first.inter)
+            start = stop
+        return True
 
 
 @cache

@@ -377,6 +377,77 @@ int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, 
     return 0;
 }
 
+// A batched step's expert products in one call: span s runs SwiGLU expert s (mats 3s..3s+2, width bits[s])
+// on its rows [spans[2s], spans[2s+1]) of x [N, H], and y's rows = w[row] * expert(row): one product, rounded
+// once, the bits `mwq_experts_ffn` (one expert, weight 1) then torch's `y * w` give. Spans are disjoint; rows
+// outside every span are left as they are. act: caller scratch [sum of span rows, I]. One parallel region for all of a
+// layer's experts: per-expert calls from Python cost ~60 us each (ctypes, tensors, slicing), more than a
+// 16-row step's kernel time for a small expert, and each opened its own parallel region.
+int mwq_spans_ffn(int n, const MwqMat* const* mats, const int* bits, const int64_t* spans, int64_t N,
+                  const float* x, const float* w, float* act, float* y, int nthreads) {
+    if (n <= 0) return -3;
+    const int64_t I = mats[0]->out, H = mats[0]->in;
+    int64_t most = 1;
+    std::vector<int64_t> at(n);  // each span's first row in act
+    for (int s = 0; s < n; ++s) {
+        at[s] = s ? at[s - 1] + spans[2 * s - 1] - spans[2 * s - 2] : 0;
+        const MwqMat *w1 = mats[3 * s], *w3 = mats[3 * s + 1], *w2 = mats[3 * s + 2];
+        if (!supported(*w1, bits[s]) || !supported(*w3, bits[s]) || !supported(*w2, bits[s])) return -1;
+        if (w1->out != I || w1->in != H || w3->out != I || w3->in != H || w2->out != H || w2->in != I) return -2;
+        if (w3->group_size != w1->group_size) return -2;
+        if (spans[2 * s] < 0 || spans[2 * s + 1] <= spans[2 * s] || spans[2 * s + 1] > N) return -4;
+        most = std::max(most, spans[2 * s + 1] - spans[2 * s]);
+    }
+    std::vector<QuantBuffers> qx_buf(n), qa_buf(n);
+    std::vector<QuantX> qx_view(n), qa_view(n);
+    std::vector<const QuantX*> qx(n, nullptr), qa(n, nullptr);
+#pragma omp parallel num_threads(nthreads)
+    {
+        std::vector<RowWork> g1, g3, g2;
+        g1.reserve(n), g3.reserve(n), g2.reserve(n);
+        for (int s = 0; s < n; ++s) {
+            g1.emplace_back(*mats[3 * s], bits[s]);
+            g3.emplace_back(*mats[3 * s + 1], bits[s]);
+            g2.emplace_back(*mats[3 * s + 2], bits[s]);
+        }
+        std::vector<float> up(16 * most), part(16 * most);
+#pragma omp for schedule(dynamic, 1)
+        for (int s = 0; s < n; ++s)
+            qx[s] = maybe_quantize(qx_buf[s], qx_view[s], *mats[3 * s], bits[s], x + spans[2 * s] * H,
+                                   spans[2 * s + 1] - spans[2 * s]);
+        // implicit barrier: qx visible to all threads
+        int64_t n1 = 1, n2 = 1;
+        for (int s = 0; s < n; ++s) n1 = std::max(n1, g1[s].rows_per_call(spans[2 * s + 1] - spans[2 * s], qx[s]));
+        const int64_t b1 = (I + n1 - 1) / n1;  // blocks per span; spans differ in tokens, hence dynamic
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < n * b1; ++k) {
+            const int64_t s = k / b1, r = k % b1 * n1, rows = std::min(n1, I - r);
+            const int64_t a0 = spans[2 * s], T = spans[2 * s + 1] - a0;
+            float* a = act + at[s] * I;
+            g1[s].dot(r, x + a0 * H, H, T, a + r, I, qx[s], rows);
+            g3[s].dot(r, x + a0 * H, H, T, up.data(), n1, qx[s], rows);
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t t = 0; t < T; ++t) a[t * I + r + i] = silu(a[t * I + r + i]) * up[t * n1 + i];
+        }  // implicit barrier: every act complete
+#pragma omp for schedule(dynamic, 1)
+        for (int s = 0; s < n; ++s)
+            qa[s] = maybe_quantize(qa_buf[s], qa_view[s], *mats[3 * s + 2], bits[s], act + at[s] * I,
+                                   spans[2 * s + 1] - spans[2 * s]);
+        // implicit barrier: qa visible to all threads
+        for (int s = 0; s < n; ++s) n2 = std::max(n2, g2[s].rows_per_call(spans[2 * s + 1] - spans[2 * s], qa[s]));
+        const int64_t b2 = (H + n2 - 1) / n2;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < n * b2; ++k) {
+            const int64_t s = k / b2, r = k % b2 * n2, rows = std::min(n2, H - r);
+            const int64_t a0 = spans[2 * s], T = spans[2 * s + 1] - a0;
+            g2[s].dot(r, act + at[s] * I, I, T, part.data(), n2, qa[s], rows);
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t t = 0; t < T; ++t) y[(a0 + t) * H + r + i] = w[a0 + t] * part[t * n2 + i];
+        }
+    }
+    return 0;
+}
+
 // y [T, N] = x [T, K] @ (q * scale[:, None])^T for a per-row int8 matrix (q int8 [N, K], scale bf16 [N]),
 // T <= 64. Returns 0, or -1 when this build or shape has no such kernel (the caller keeps torch's).
 int mwq_int8_linear(const int8_t* q, const uint16_t* scale, int64_t N, int64_t K, const float* x, int64_t T,
