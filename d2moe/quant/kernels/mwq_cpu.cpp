@@ -237,6 +237,38 @@ void planes_to_codes(MwqMat& m) {
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
+#if defined(__AVX512F__)
+// exp(x) for 16 floats: x = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), Cephes' degree-6 polynomial for
+// exp(r), times 2^n; within ~2 ulp of std::exp on [-87, 88] (clamped outside: silu then gives v or -0).
+inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(y, n);
+}
+#endif
+
+// a[i] = silu(a[i]) * up[i], i < n: SwiGLU's product, elementwise (a value gets the same bits from every
+// caller). AVX-512: 16 at a time with exp16; std::exp per value took ~8 % of a 12-token expert call.
+inline void silu_mul(float* a, const float* up, int64_t n) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(k, a + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        const __m512 s = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+        _mm512_mask_storeu_ps(a + i, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, up + i)));
+    }
+#endif
+    for (; i < n; ++i) a[i] = silu(a[i]) * up[i];
+}
+
 }  // namespace
 
 extern "C" {
@@ -348,8 +380,7 @@ int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, 
             float* a = act + e * T * I;
             g1[e].dot(r, x, H, T, a + r, I, qx, rows);
             g3[e].dot(r, x, H, T, up.data(), n1, qx, rows);
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t t = 0; t < T; ++t) a[t * I + r + i] = silu(a[t * I + r + i]) * up[t * n1 + i];
+            for (int64_t t = 0; t < T; ++t) silu_mul(a + t * I + r, up.data() + t * n1, rows);
         }  // implicit barrier: every act complete
 #pragma omp for schedule(static)
         for (int e = 0; e < n; ++e)
@@ -426,8 +457,7 @@ int mwq_spans_ffn(int n, const MwqMat* const* mats, const int* bits, const int64
             float* a = act + at[s] * I;
             g1[s].dot(r, x + a0 * H, H, T, a + r, I, qx[s], rows);
             g3[s].dot(r, x + a0 * H, H, T, up.data(), n1, qx[s], rows);
-            for (int64_t i = 0; i < rows; ++i)
-                for (int64_t t = 0; t < T; ++t) a[t * I + r + i] = silu(a[t * I + r + i]) * up[t * n1 + i];
+            for (int64_t t = 0; t < T; ++t) silu_mul(a + t * I + r, up.data() + t * n1, rows);
         }  // implicit barrier: every act complete
 #pragma omp for schedule(dynamic, 1)
         for (int s = 0; s < n; ++s)
