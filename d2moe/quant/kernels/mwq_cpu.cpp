@@ -269,6 +269,15 @@ inline void silu_mul(float* a, const float* up, int64_t n) {
     for (; i < n; ++i) a[i] = silu(a[i]) * up[i];
 }
 
+// Rows [r, r + rows) of one expert's SwiGLU hidden layer for T tokens: a[t * I + r + i] = silu(gate) * up,
+// with `up` a caller scratch of n1 x T (both calls below take this one block, so they share its bits).
+inline void gate_up_block(RowWork& w1, RowWork& w3, int64_t r, int64_t rows, const float* x, int64_t H, int64_t T,
+                          const QuantX* qx, float* a, int64_t I, float* up, int64_t n1) {
+    w1.dot(r, x, H, T, a + r, I, qx, rows);
+    w3.dot(r, x, H, T, up, n1, qx, rows);
+    for (int64_t t = 0; t < T; ++t) silu_mul(a + t * I + r, up + t * n1, rows);
+}
+
 }  // namespace
 
 extern "C" {
@@ -378,9 +387,7 @@ int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, 
         for (int64_t k = 0; k < n * b1; ++k) {
             const int64_t e = k / b1, r = k % b1 * n1, rows = std::min(n1, I - r);
             float* a = act + e * T * I;
-            g1[e].dot(r, x, H, T, a + r, I, qx, rows);
-            g3[e].dot(r, x, H, T, up.data(), n1, qx, rows);
-            for (int64_t t = 0; t < T; ++t) silu_mul(a + t * I + r, up.data() + t * n1, rows);
+            gate_up_block(g1[e], g3[e], r, rows, x, H, T, qx, a, I, up.data(), n1);
         }  // implicit barrier: every act complete
 #pragma omp for schedule(static)
         for (int e = 0; e < n; ++e)
@@ -455,9 +462,7 @@ int mwq_spans_ffn(int n, const MwqMat* const* mats, const int* bits, const int64
             const int64_t s = k / b1, r = k % b1 * n1, rows = std::min(n1, I - r);
             const int64_t a0 = spans[2 * s], T = spans[2 * s + 1] - a0;
             float* a = act + at[s] * I;
-            g1[s].dot(r, x + a0 * H, H, T, a + r, I, qx[s], rows);
-            g3[s].dot(r, x + a0 * H, H, T, up.data(), n1, qx[s], rows);
-            for (int64_t t = 0; t < T; ++t) silu_mul(a + t * I + r, up.data() + t * n1, rows);
+            gate_up_block(g1[s], g3[s], r, rows, x + a0 * H, H, T, qx[s], a, I, up.data(), n1);
         }  // implicit barrier: every act complete
 #pragma omp for schedule(dynamic, 1)
         for (int s = 0; s < n; ++s)
