@@ -382,7 +382,6 @@ class BoundExpert:
         w = torch.tensor(weights, dtype=torch.float32)
         return first.kernel.experts_ffn(first.bits, addrs, w, _as_input(x, first.hidden), first.inter)
 
-
     @staticmethod
     def run_spans(pieces: list[tuple[BoundExpert, int, int]], xs: Tensor, ws: Tensor, ys: Tensor) -> bool:
         """ys[a:e] = ws[a:e] * fn(xs[a:e]) for every (fn, a, e) piece, bit for bit as one call per piece,
