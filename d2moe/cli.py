@@ -16,6 +16,7 @@ from d2moe.cli_args import milliseconds as _positive_ms
 from d2moe.cli_args import non_negative as _non_negative
 from d2moe.cli_args import positive as _positive
 from d2moe.cli_args import seconds as _seconds
+from d2moe.cli_args import threads as _threads
 
 log = logging.getLogger("d2moe")
 
@@ -42,8 +43,9 @@ def _budget(text: str | None) -> int | None:
 
 def _set_threads(args: argparse.Namespace) -> None:
     """Compute threads for torch and the expert kernel. Their OpenMP regions wait at barriers, so a thread
-    that loses its core to another process stalls every step: on a busy machine fewer threads is faster."""
-    if args.threads is not None:
+    that loses its core to another process stalls every step: on a busy machine fewer threads is faster.
+    `auto` leaves torch's count as the most and lets the engine choose per step (engine/threads.py)."""
+    if args.threads is not None and args.threads != "auto":
         import torch
 
         torch.set_num_threads(args.threads)
@@ -64,6 +66,7 @@ def _engine(args: argparse.Namespace, context: int, step_tokens: int, full_logit
         prefetch=not args.no_prefetch,
         max_wait=0.0 if args.no_stall else None,
         loader_threads=args.loader_threads,
+        adaptive_threads=getattr(args, "threads", None) == "auto",
     )
 
 
@@ -381,7 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     def model_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default=None, help="store directory (default: the built-in model)")
 
-    def threads_arg(sp: argparse.ArgumentParser) -> None:
+    def threads_arg(sp: argparse.ArgumentParser, auto: bool = False) -> None:
+        if auto:
+            sp.add_argument("--threads", type=_threads, default=None,
+                            help="compute threads (default: torch's, one per core), or auto: the engine measures "
+                                 "its steps and runs each at the count that is fastest now (1, half or all cores; "
+                                 "for a machine other programs also use)")
+            return
         sp.add_argument("--threads", type=_positive, default=None,
                         help="compute threads (default: torch's, one per core); use fewer on a busy machine")
 
@@ -423,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "skipped (the expert computes at its resident width; counted in the log)")
     width_args(run)
     engine_args(run)
-    threads_arg(run)
+    threads_arg(run, auto=True)
     run.set_defaults(fn=cmd_run)
 
     def serving_args(sp: argparse.ArgumentParser, max_batch: bool) -> None:
@@ -450,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model-name", default=None, help="the model id clients use (default: the store's name)")
     serving_args(srv, max_batch=True)
     engine_args(srv)
-    threads_arg(srv)
+    threads_arg(srv, auto=True)
     srv.set_defaults(fn=cmd_serve)
 
     ch = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit, Ctrl-C stops an answer)")
@@ -462,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", default=None, help="a system message")
     serving_args(ch, max_batch=False)
     engine_args(ch)
-    threads_arg(ch)
+    threads_arg(ch, auto=True)
     ch.set_defaults(fn=cmd_chat)
 
     ev = sub.add_parser("eval", help="held-out perplexity of a text file")

@@ -22,6 +22,7 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {low}")
         return n
 
+    parse.__name__ = "integer"  # argparse's message: "invalid integer value: 'x'"
     return parse
 
 
@@ -41,3 +42,13 @@ positive = at_least(1)
 non_negative = at_least(0)
 milliseconds = duration("milliseconds", 1000.0)
 seconds = duration("seconds", 1.0)
+
+
+def threads(value: str) -> int | str:
+    """A thread count (at least 1) or `auto`."""
+    if value == "auto":
+        return value
+    try:
+        return positive(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number of threads (at least 1) or auto") from None

@@ -277,6 +277,9 @@ class EngineConfig:
     loader_threads: int = field(default=1, metadata={"help": "I/O threads (one saturates the disks measured here)"})
     direct_io: bool | None = field(default=None, metadata={"help": "O_DIRECT: None = when the filesystem allows"})
     record_timeline: bool = field(default=False, metadata={"help": "keep I/O and compute events for plots"})
+    adaptive_threads: bool = field(default=False, metadata={
+        "help": "pick each step's compute threads from measured step times, up to torch's count (--threads auto; "
+                "engine/threads.py)"})
 
     def __post_init__(self) -> None:
         policy_spec(self.policy)  # a clear error for an unknown name

@@ -14,6 +14,7 @@ from d2moe.engine.model import LoadedModel
 from d2moe.engine.prefix_cache import PrefixCache
 from d2moe.engine.request import EngineRequest, RequestOutput
 from d2moe.engine.runner import Runner
+from d2moe.engine.threads import governed, governor_for
 from d2moe.models.kv_window import has_windows
 from d2moe.models.ragged import KVPool
 
@@ -48,6 +49,7 @@ class Engine:
     def __init__(self, model: LoadedModel, config: BatcherConfig, context: int,
                  padded_attention: bool = False) -> None:
         self.model = model
+        self.governor = governor_for(model.engine)  # --threads auto, else None
         self.tokenizer = model.require_tokenizer()
         self.context = min(context, model.config.max_position)
         self.pool = KVPool(model.config, config.max_batch, self.context)
@@ -107,7 +109,8 @@ class Engine:
             return []
         t0 = time.perf_counter()
         seqs = dict(self.batcher.running)
-        result = self.runner.step(batch, seqs)
+        with governed(self.governor, batch.tokens):
+            result = self.runner.step(batch, seqs)
         if self.prefix is not None:
             for c in batch.chunks:
                 if c.cache_key is not None:

@@ -11,6 +11,7 @@ import torch
 
 from d2moe.engine.model import LoadedModel
 from d2moe.engine.sampling import SamplingParams, sample
+from d2moe.engine.threads import governed, governor_for
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,15 @@ def generate(model: LoadedModel, request: Request, stats: GenerationStats | None
         raise ValueError("the prompt is empty")
     model.provider.check_budget(request.bits)
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    threads = governor_for(model.engine)  # --threads auto, else None
     cache = model.decoder.new_cache(1, len(request.prompt_ids) + params.max_tokens)
     if len(request.prompt_ids) + params.max_tokens > cache.max_len:
         raise ValueError(f"prompt + max_tokens exceeds the model's context ({cache.max_len})")
     stats.prompt_tokens = len(request.prompt_ids)
     t0 = time.perf_counter()
-    logits = model.decoder.forward(torch.tensor([request.prompt_ids]), cache, request.bits, last_only=True,
-                                   price=request.price)
+    with governed(threads, len(request.prompt_ids)):
+        logits = model.decoder.forward(torch.tensor([request.prompt_ids]), cache, request.bits, last_only=True,
+                                       price=request.price)
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(params.max_tokens):
@@ -77,7 +80,7 @@ def generate(model: LoadedModel, request: Request, stats: GenerationStats | None
         yield token
         if i + 1 == params.max_tokens:
             break
-        with step_deadline(model.provider, request.deadline):
+        with step_deadline(model.provider, request.deadline), governed(threads, 1):
             logits = model.decoder.forward(torch.tensor([[token]]), cache, request.bits, last_only=True,
                                            price=request.price)
         stats.decode_seconds = time.perf_counter() - t0

@@ -39,6 +39,8 @@ def test_run_prints_completion(store):
     assert "decode" in r.stderr  # stats go to stderr, not stdout
     one = d2moe("run", "--model", str(store), "--max-tokens", "8", "--bits", "4", "--threads", "1", "Hello")
     assert one.returncode == 0 and one.stdout == r.stdout, one.stderr  # greedy: same text on one thread
+    auto = d2moe("run", "--model", str(store), "--max-tokens", "8", "--bits", "4", "--threads", "auto", "Hello")
+    assert auto.returncode == 0 and auto.stdout == r.stdout, auto.stderr  # chosen per step, same text
 
 
 def test_eval_json_bits_trade_off(store, tmp_path):
@@ -111,10 +113,11 @@ def test_bad_input_one_line_error(args, message, tmp_path):
     assert r.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("args", [["run", "--threads", "0", "x"], ["run", "--bits", "9", "x"]])
+@pytest.mark.parametrize("args", [["run", "--threads", "0", "x"], ["run", "--bits", "9", "x"],
+                                  ["run", "--threads", "many", "x"], ["eval", "--threads", "auto"]])
 def test_bad_option_values_are_usage_errors(args):
     r = d2moe(*args)
-    assert r.returncode == 2 and "d2moe run: error: argument" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and f"d2moe {args[0]}: error: argument" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_calibrate_then_eval_by_tier(store, tmp_path):

@@ -14,6 +14,7 @@ from d2moe.engine.generate import Request, generate
 from d2moe.engine.model import open_model
 from d2moe.engine.request import EngineRequest
 from d2moe.engine.sampling import SamplingParams
+from d2moe.engine.threads import ThreadGovernor, ThreadPolicy
 from d2moe.models.dense import quantize_int8
 from d2moe.models.ragged import KVPool, Segment, StepPlan, attend_decode_padded, attend_per_sequence, invariant_rows
 from tiny_calibration import calibrate_randomly
@@ -45,8 +46,9 @@ def _requests(model, n=8, max_tokens=12):
     return out
 
 
-def _run(model, reqs, max_batch, chunk=8, padded=False):
+def _run(model, reqs, max_batch, chunk=8, padded=False, governor=None):
     engine = Engine(model, BatcherConfig(max_batch, chunk, chunk + max_batch), 200, padded_attention=padded)
+    engine.governor = governor if governor is not None else engine.governor
     for i, r in enumerate(reqs):
         engine.add(str(i), r)
     tokens = {str(i): [] for i in range(len(reqs))}
@@ -157,3 +159,25 @@ def test_decode_steps_in_one_attention_call_give_the_op_by_op_logprobs(store, on
         assert calls  # decode steps took the kernel
         monkeypatch.setattr(ragged, "decode_rows_kernel", lambda *a: None)
         assert _run(model, reqs, 5) == fast
+
+
+def test_engine_switching_threads_gives_the_same_tokens(store) -> None:
+    """A governor that changes the count every few steps leaves every token and logprob as one thread gives,
+    where d2moe's kernels compute every matrix (int8 dense: the converter's default). torch's fp32 GEMM sums
+    in an order that depends on its thread count, so a float32-dense store is not held to this."""
+    if "float32" in store.name:
+        pytest.skip("fp32 dense matrices run on torch's GEMM, whose bits depend on the thread count")
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with open_model(store, EngineConfig(context=200, kv_slots=4)) as model:
+            reqs = _requests(model, n=4, max_tokens=10)
+            fixed = _run(model, reqs, 4)
+        torch.set_num_threads(2)
+        gov = ThreadGovernor(ThreadPolicy(2, every=2, probe=2))
+        with open_model(store, EngineConfig(context=200, kv_slots=4, adaptive_threads=True)) as model:
+            switching = _run(model, reqs, 4, governor=gov)
+        assert switching == fixed
+        assert set(gov.times) == {1, 2}  # both counts ran
+    finally:
+        torch.set_num_threads(old)
