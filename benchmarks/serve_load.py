@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unloaded-requests", type=int, default=8, help="warm single requests for the reference TTFT")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2", help="the server's --threads: a count or auto")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--soak", type=int, default=0, help="instead of the levels: this many requests from 32 clients")
     ap.add_argument("--memory-budget", default=None, help="the server's --memory-budget")
