@@ -66,7 +66,7 @@ def _engine(args: argparse.Namespace, context: int, step_tokens: int, full_logit
         prefetch=not args.no_prefetch,
         max_wait=0.0 if args.no_stall else None,
         loader_threads=args.loader_threads,
-        adaptive_threads=getattr(args, "threads", None) == "auto",
+        adaptive_threads=args.threads == "auto",
     )
 
 

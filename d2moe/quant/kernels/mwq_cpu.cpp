@@ -270,6 +270,15 @@ inline void silu_mul(float* a, const float* up, int64_t n) {
     for (; i < n; ++i) a[i] = silu(a[i]) * up[i];
 }
 
+// 0 when an expert's (w1, w3, w2) run at `bits` with w1/w3 [I, H] and w2 [H, I]; -1: a width or group this
+// build does not run, -2: shapes that are not one SwiGLU expert of the layer's size.
+inline int expert_unfit(const MwqMat* const* m, int bits, int64_t I, int64_t H) {
+    if (!supported(*m[0], bits) || !supported(*m[1], bits) || !supported(*m[2], bits)) return -1;
+    if (m[0]->out != I || m[0]->in != H || m[1]->out != I || m[1]->in != H || m[2]->out != H || m[2]->in != I)
+        return -2;
+    return 0;
+}
+
 // Rows [r, r + rows) of one expert's SwiGLU hidden layer for T tokens: a[t * I + r + i] = silu(gate) * up,
 // with `up` a caller scratch of n1 x T (both calls below take this one block, so they share its bits).
 inline void gate_up_block(RowWork& w1, RowWork& w3, int64_t r, int64_t rows, const float* x, int64_t H, int64_t T,
@@ -359,10 +368,9 @@ int mwq_experts_ffn(int n, const MwqMat* const* mats, int bits, const float* x, 
     if (n <= 0) return -3;
     const int64_t I = mats[0]->out, H = mats[0]->in, gs = mats[0]->group_size;
     for (int e = 0; e < n; ++e) {
-        const MwqMat *w1 = mats[3 * e], *w3 = mats[3 * e + 1], *w2 = mats[3 * e + 2];
-        if (!supported(*w1, bits) || !supported(*w3, bits) || !supported(*w2, bits)) return -1;
-        if (w1->out != I || w1->in != H || w3->out != I || w3->in != H || w2->out != H || w2->in != I) return -2;
-        if (w1->group_size != gs || w3->group_size != gs || w2->group_size != gs) return -2;
+        if (const int rc = expert_unfit(mats + 3 * e, bits, I, H)) return rc;
+        if (mats[3 * e]->group_size != gs || mats[3 * e + 1]->group_size != gs || mats[3 * e + 2]->group_size != gs)
+            return -2;
     }
     QuantBuffers qx_buf;
     QuantX qx_view;
@@ -431,10 +439,8 @@ int mwq_spans_ffn(int n, const MwqMat* const* mats, const int* bits, const int64
     std::vector<int64_t> at(n);  // each span's first row in act
     for (int s = 0; s < n; ++s) {
         at[s] = s ? at[s - 1] + spans[2 * s - 1] - spans[2 * s - 2] : 0;
-        const MwqMat *w1 = mats[3 * s], *w3 = mats[3 * s + 1], *w2 = mats[3 * s + 2];
-        if (!supported(*w1, bits[s]) || !supported(*w3, bits[s]) || !supported(*w2, bits[s])) return -1;
-        if (w1->out != I || w1->in != H || w3->out != I || w3->in != H || w2->out != H || w2->in != I) return -2;
-        if (w3->group_size != w1->group_size) return -2;
+        if (const int rc = expert_unfit(mats + 3 * s, bits[s], I, H)) return rc;
+        if (mats[3 * s + 1]->group_size != mats[3 * s]->group_size) return -2;  // gate and up share x's quantization
         if (spans[2 * s] < 0 || spans[2 * s + 1] <= spans[2 * s] || spans[2 * s + 1] > N) return -4;
         most = std::max(most, spans[2 * s + 1] - spans[2 * s]);
     }
