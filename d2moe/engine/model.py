@@ -203,12 +203,14 @@ def open_model(path: Path, engine: EngineConfig | None = None) -> LoadedModel:
     reader = StoreReader(path)
     try:
         dense = _load_dense(path)
-        dense_bytes = dense_nbytes(dense)
         cfg = reader.config.model
+        calibration = load_calibration(path, cfg)
+        if calibration is not None:
+            dense.update(calibration.next_guess)  # the fitted next-layer guess (routing/next_guess.py)
+        dense_bytes = dense_nbytes(dense)
         layout = reader.config.layout
         all_experts = len(cfg.moe_layers) * cfg.num_experts * layout.prefix_bytes(reader.max_bits)
         plan = plan_memory(cfg, engine, dense_bytes, layout, all_experts)
-        calibration = load_calibration(path)
         provider = _provider(reader, engine, plan)
     except BaseException:
         reader.close()

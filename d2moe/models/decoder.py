@@ -21,7 +21,8 @@ from d2moe.models.layers import (
     swiglu,
 )
 from d2moe.models.mla import mla_attention
-from d2moe.models.moe import WidthRule, chosen_widths, moe_block, one_token_widths, predict_demands, route_layer
+from d2moe.models.moe import (WidthRule, chosen_widths, guess_layer, moe_block, one_token_widths, predict_demands,
+                             route_layer)
 from d2moe.models.names import attention_names, top_names
 
 # After a prefill, the first MoE layers' experts of the prompt's last token are read ahead for the first
@@ -102,10 +103,10 @@ class MoEDecoder:
                 nxt = self.next_moe.get(L)
                 if (self.prefetch and nxt is not None and B * T <= PREFETCH_MAX_TOKENS
                         and self.provider.wants_prefetch(nxt, int(flat_bits.max()))):
-                    # the next MoE layer's router on this layer's residual stream, normed as that layer will
+                    # the next MoE layer's guess (its fitted one, or its router) on this layer's residual stream
                     q = f"layers.{nxt}."
                     guess_x = block_input(h, w, q + "ffn_norm", cfg).reshape(B * T, -1)
-                    guess = route_layer(guess_x, w, q, cfg)
+                    guess = guess_layer(guess_x, w, q, cfg)
                     if B * T == 1:  # decode: lists, the rule's fast path
                         idx, weight = guess.idx[0].tolist(), guess.weight[0].tolist()
                         bits_k = one_token_widths(nxt, guess_x, guess, idx, weight, flat_bits, flat_price, self.widths)

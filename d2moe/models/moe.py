@@ -85,6 +85,18 @@ def route_layer(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: M
     return route(x, w[prefix + "router"], cfg, w.get(prefix + "router_bias"), w.get(prefix + "router_b"))
 
 
+def guess_layer(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig) -> Routing:
+    """The experts MoE layer `prefix` will likely choose, from x [T, H] = the residual stream before it is
+    complete, normed with that layer's FFN norm: its fitted guess (`layers.N.guess`, routing/next_guess.py)
+    where the store is calibrated, else its own router. Only ever used to read ahead."""
+    P = w.get(prefix + "guess")
+    if P is None:
+        return route_layer(x, w, prefix, cfg)
+    b = w[prefix + "guess_b"]
+    own = w.get(prefix + "router_b")
+    return route(x, P, cfg, w.get(prefix + "router_bias"), b if own is None else b + own.float())
+
+
 def _within_best_groups(choice: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Group-limited choice (DeepSeek): experts form `expert_groups` equal groups; each token keeps the
     `topk_groups` groups with the best score (their best expert, or their best two summed) and sees -inf

@@ -65,6 +65,7 @@ from d2moe.models.moe import (
     chosen_widths,
     expert_runner,
     grouped_experts,
+    guess_layer,
     predict_demands,
     route_layer,
     router_invariant,
@@ -397,10 +398,10 @@ def ragged_forward(decoder: MoEDecoder, tokens: torch.Tensor, plan: StepPlan, po
             continue
         nxt = decoder.next_moe.get(L)
         if prefetch and nxt is not None and decoder.provider.wants_prefetch(nxt, int(token_bits.max())):
-            # I/O only (never changes a result): the next MoE layer's router on this residual stream
+            # I/O only (never changes a result): the next MoE layer's guess on this residual stream
             q = f"layers.{nxt}."
             guess_x = block_input(h, w, q + "ffn_norm", cfg)[0]
-            guess = route_layer(guess_x, w, q, cfg)
+            guess = guess_layer(guess_x, w, q, cfg)
             bits_tk = chosen_widths(nxt, guess_x, guess, token_bits, price, decoder.widths)
             decoder.provider.prefetch(nxt, predict_demands(guess, bits_tk))
         y = ragged_moe(x[0], w, p, L, cfg, decoder.provider, plan, token_bits, price, decoder.widths,

@@ -1,7 +1,8 @@
 """`d2moe calibrate`: measure every width's cost on calibration text, fit router two, calibrate the tiers,
-and write `calibration.json` and `width_router.safetensors` into the store.
+fit the next-layer guess (next_guess.py), and write `calibration.json`, `width_router.safetensors` and
+`next_guess.safetensors` into the store.
 
-Both files are written to temporary names and renamed into place, router first and calibration.json last:
+Every file is written to a temporary name and renamed into place, calibration.json last:
 a store has a usable calibration exactly when calibration.json exists, so an interrupted run leaves the
 store as it was (a store without them runs fixed widths).
 """
@@ -23,6 +24,7 @@ from d2moe.routing.calibration import CALIBRATION_FILE, CALIBRATION_VERSION
 from d2moe.routing.collect import LayerRecord, collect, token_windows
 from d2moe.routing.finetune import FinetuneConfig, finetune
 from d2moe.routing.fit import FitConfig, fit_router, price_curve, tier_prices, with_floors
+from d2moe.routing.next_guess import NEXT_GUESS_FILE, fit_next_guess, save_next_guess
 from d2moe.routing.width_router import ROUTER_FILE
 
 
@@ -95,6 +97,7 @@ def calibrate(model: LoadedModel, ids: list[int], *, tokens: int = 4096, context
         prices = (first["high"]["price"], first["fast"]["price"])
         router, tune_log = finetune(model, router, windows, prices, tune, progress)
     router = with_floors(router, records)
+    guess, guess_report = fit_next_guess(records, model.decoder.w, model.config)
     stats = expert_stats(records, model.config.num_experts, widths)
     summary = {
         "version": CALIBRATION_VERSION,
@@ -111,10 +114,12 @@ def calibrate(model: LoadedModel, ids: list[int], *, tokens: int = 4096, context
         "experts": stats,
         "static_widths": static_widths(stats, widths, byte_frac),
         "router": ROUTER_FILE,
+        "next_guess": guess_report,
         "seconds": None,
     }
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     store = Path(model.path)
     _atomic_write(store / ROUTER_FILE, router.save)
+    _atomic_write(store / NEXT_GUESS_FILE, lambda p: save_next_guess(guess, p))
     _atomic_write(store / CALIBRATION_FILE, lambda p: p.write_text(json.dumps(summary, indent=1)))
     return summary

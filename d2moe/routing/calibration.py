@@ -1,5 +1,5 @@
-"""A store's calibration as the engine reads it: tier prices, the price curve, EdgeMoE's static widths and
-router two. `calibration.json` is written last by `d2moe calibrate`, so it marks a complete calibration;
+"""A store's calibration as the engine reads it: tier prices, the price curve, EdgeMoE's static widths,
+router two and the fitted next-layer guess. `calibration.json` is written last by `d2moe calibrate`, so it marks a complete calibration;
 without it the store runs fixed widths (`--bits`, tiers `max` and `min`)."""
 
 from __future__ import annotations
@@ -9,15 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from d2moe.config import ModelConfig
+from d2moe.routing.next_guess import NEXT_GUESS_FILE, load_next_guess
 from d2moe.routing.tiers import TIER_BYTE_TARGETS, PricePoint, WidthChoice, interpolate_price
 from d2moe.routing.width_router import ROUTER_FILE, WidthRouter
 from d2moe.storage.format import StoreError
 
 CALIBRATION_FILE = "calibration.json"
 # 2: router two with its width floors (width_router.py); 3: deterministic costs (collect.py), and the default
-# model calibrated on 16 windows
-CALIBRATION_VERSION = 3
+# model calibrated on 16 windows; 4: the fitted next-layer guess (next_guess.py)
+CALIBRATION_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Calibration:
     curve: list[PricePoint]
     static_widths: dict[int, torch.Tensor]
     router: WidthRouter | None
+    next_guess: dict[str, torch.Tensor]  # dense-weight entries layers.N.guess(_b); empty: the router guesses
 
     def choice(self, *, max_bits: int, tier: str | None = None, avg_bits: float | None = None) -> WidthChoice:
         """A tier or an average width as what the engine runs: fixed ends, router-two prices between."""
@@ -42,7 +46,8 @@ class Calibration:
         return WidthChoice(max_bits, float(self.tiers[tier]["price"]))
 
 
-def load_calibration(store: Path) -> Calibration | None:
+def load_calibration(store: Path, cfg: ModelConfig | None = None) -> Calibration | None:
+    """The store's calibration, or None; with `cfg`, its fitted next-layer guess too (checked against it)."""
     f = Path(store) / CALIBRATION_FILE
     if not f.is_file():
         return None
@@ -52,8 +57,13 @@ def load_calibration(store: Path) -> Calibration | None:
         router = WidthRouter.load(router_file) if router_file.is_file() else None
         curve = [PricePoint(**p) for p in d.get("price_curve", [])]
         static = {int(k): torch.tensor(v, dtype=torch.int64) for k, v in (d.get("static_widths") or {}).items()}
-        return Calibration(d.get("tiers", {}), curve, static, router)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        guess_file = Path(store) / (d.get("next_guess") or {}).get("file", NEXT_GUESS_FILE)
+        guess = {}
+        if cfg is not None and "next_guess" in d:
+            f = guess_file
+            guess = load_next_guess(guess_file, cfg)
+        return Calibration(d.get("tiers", {}), curve, static, router, guess)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise StoreError(f"{f}: cannot read the calibration ({e}); re-run `d2moe calibrate`") from None
 
 
