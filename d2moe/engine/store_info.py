@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from d2moe.config import EngineConfig, ModelConfig
 from d2moe.engine.memory import kv_cache_bytes, plan_memory
-from d2moe.routing.calibration import CALIBRATION_FILE, load_calibration
+from d2moe.routing.calibration import load_calibration
 from d2moe.storage.format import DENSE_FILE, StoreError
 from d2moe.storage.reader import StoreReader
 from d2moe.util.sizes import format_size
@@ -79,7 +79,9 @@ def store_info(path: Path, context: int = EngineConfig().context) -> dict[str, A
     reader = StoreReader(path)
     try:
         cfg, layout, widths = reader.config.model, reader.config.layout, reader.config.mwq.widths
-        dense = stored_dense_bytes(path)
+        calibration = load_calibration(path, cfg)
+        guess = calibration.next_guess if calibration is not None else {}
+        dense = stored_dense_bytes(path) + sum(t.nbytes for t in guess.values())  # as open_model holds them
         all_experts = len(cfg.moe_layers) * cfg.num_experts * layout.prefix_bytes(reader.max_bits)
         plan = plan_memory(cfg, EngineConfig(context=context), dense, layout, all_experts)
         info: dict[str, Any] = {
@@ -104,15 +106,15 @@ def store_info(path: Path, context: int = EngineConfig().context) -> dict[str, A
             "dense_bytes": dense,
             "experts_file_bytes": reader.file_bytes(),
             "kv_cache_bytes_per_token": kv_cache_bytes(cfg, 1),
-            "calibrated": (path / CALIBRATION_FILE).is_file(),
+            "calibrated": calibration is not None,
+            "next_guess": "fitted" if guess else "router",
             "context": context,
             "min_memory_budget": plan.minimum,
             "min_memory_budget_parts": {"dense": plan.dense, "kv_cache": plan.kv_cache, "scratch": plan.scratch,
                                         "experts": plan.minimum - plan.dense - plan.kv_cache - plan.scratch},
         }
-        if info["calibrated"]:
-            calibration = load_calibration(path)
-            info["tiers"] = sorted(calibration.tiers) if calibration is not None else []
+        if calibration is not None:
+            info["tiers"] = sorted(calibration.tiers)
         return info
     finally:
         reader.close()
@@ -148,6 +150,9 @@ def format_info(info: dict[str, Any]) -> str:
                f"{format_size(parts['scratch'])} + {info['top_k']} experts at 2 bits {format_size(parts['experts'])})")
     calibration = ("yes, tiers " + ", ".join(info.get("tiers", [])) if info["calibrated"]
                    else "no (fixed widths; `d2moe calibrate` fits the width router)")
+    if info["calibrated"]:
+        calibration += ("; next-layer guess fitted" if info["next_guess"] == "fitted"
+                        else "; next-layer guess by the router (calibrated before the fitted guess)")
     rows = [
         ("model", info["model"]),
         ("family", info["family"]),

@@ -1,6 +1,7 @@
 """A store's calibration as the engine reads it: tier prices, the price curve, EdgeMoE's static widths,
-router two and the fitted next-layer guess. `calibration.json` is written last by `d2moe calibrate`, so it marks a complete calibration;
-without it the store runs fixed widths (`--bits`, tiers `max` and `min`)."""
+router two and the fitted next-layer guess. `calibration.json` is written last by `d2moe calibrate`, so it
+marks a complete calibration; without it the store runs fixed widths (`--bits`, tiers `max` and `min`) and
+reads ahead by the router's own guess."""
 
 from __future__ import annotations
 
@@ -57,13 +58,12 @@ def load_calibration(store: Path, cfg: ModelConfig | None = None) -> Calibration
         router = WidthRouter.load(router_file) if router_file.is_file() else None
         curve = [PricePoint(**p) for p in d.get("price_curve", [])]
         static = {int(k): torch.tensor(v, dtype=torch.int64) for k, v in (d.get("static_widths") or {}).items()}
-        guess_file = Path(store) / (d.get("next_guess") or {}).get("file", NEXT_GUESS_FILE)
         guess = {}
-        if cfg is not None and "next_guess" in d:
-            f = guess_file
-            guess = load_next_guess(guess_file, cfg)
+        if cfg is not None and "next_guess" in d:  # calibrated before version 4: the router guesses
+            f = Path(store) / d["next_guess"].get("file", NEXT_GUESS_FILE)
+            guess = load_next_guess(f, cfg)
         return Calibration(d.get("tiers", {}), curve, static, router, guess)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         raise StoreError(f"{f}: cannot read the calibration ({e}); re-run `d2moe calibrate`") from None
 
 

@@ -12,7 +12,7 @@ from d2moe.cli import main
 from d2moe.config import EngineConfig, MWQConfig
 from d2moe.convert.convert import convert
 from d2moe.engine.model import open_model
-from d2moe.engine.store_info import store_info
+from d2moe.engine.store_info import format_info, store_info
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,7 @@ def test_info_sees_calibration(v3_store, tmp_path):
     (store / "calibration.json").write_text(json.dumps({"tiers": {"high": {"price": 0.1}, "fast": {"price": 1.0}}}))
     info = store_info(store)
     assert info["calibrated"] is True and info["tiers"] == ["fast", "high"]
+    assert info["next_guess"] == "router" and "next-layer guess by the router" in format_info(info)
 
 
 def test_calibrate_a_non_swiglu_family_then_info_sees_it(tiny_checkpoints, tmp_path):
@@ -74,5 +75,8 @@ def test_calibrate_a_non_swiglu_family_then_info_sees_it(tiny_checkpoints, tmp_p
     with open_model(store) as m:
         ids = torch.randint(3, 256, (128,), generator=torch.Generator().manual_seed(0)).tolist()
         calibrate(m, ids, tokens=128, context=32, fit=FitConfig(steps=5))
-    info = store_info(store)
-    assert info["calibrated"] is True and info["tiers"]
+    info = store_info(store, 64)
+    assert info["calibrated"] is True and info["tiers"] and info["next_guess"] == "fitted"
+    assert "next-layer guess fitted" in format_info(info)
+    with open_model(store, EngineConfig(memory_budget=info["min_memory_budget"], context=64)) as m:
+        assert m.plan.minimum == info["min_memory_budget"]  # the fitted guess is counted in both
