@@ -200,12 +200,13 @@ def open_model(path: Path, engine: EngineConfig | None = None) -> LoadedModel:
     """Open a store under `engine` (default: every expert fits at 8 bits, pipelined d2moe policy)."""
     engine = engine or EngineConfig()
     path = Path(path)
+    spec = policy_spec(engine.policy)
     reader = StoreReader(path)
     try:
         dense = _load_dense(path)
         cfg = reader.config.model
         calibration = load_calibration(path, cfg)
-        if calibration is not None:
+        if calibration is not None and spec.prefetch == "fitted":
             dense.update(calibration.next_guess)  # the fitted next-layer guess (routing/next_guess.py)
         dense_bytes = dense_nbytes(dense)
         layout = reader.config.layout
@@ -215,8 +216,7 @@ def open_model(path: Path, engine: EngineConfig | None = None) -> LoadedModel:
     except BaseException:
         reader.close()
         raise
-    spec = policy_spec(engine.policy)
-    decoder = MoEDecoder(cfg, dense, provider, prefetch=engine.prefetch and spec.prefetch == "router",
+    decoder = MoEDecoder(cfg, dense, provider, prefetch=engine.prefetch and spec.prefetch in ("fitted", "router"),
                          widths=_width_rule(spec, provider, calibration))
     tokenizer = load_tokenizer(path)
     model = LoadedModel(

@@ -3,13 +3,16 @@ implementations (the D2MoE paper re-implements its baselines the same way).
 
 | policy          | provider   | eviction score      | prefetch          | bases first | nested | degrade | widths   |
 |-----------------|------------|---------------------|-------------------|-------------|--------|---------|----------|
-| d2moe           | pipelined  | expected next use   | next-layer router | yes         | yes    | yes     | request  |
+| d2moe           | pipelined  | expected next use   | next-layer fitted | yes         | yes    | yes     | request  |
 | lru             | synchronous| least recently used | none              | -           | yes    | no      | request  |
 | hold            | everything resident at the request's width, read before the first step                   |
-| matryoshka-free | pipelined  | expected next use   | next-layer router | yes         | no     | no      | request  |
+| matryoshka-free | pipelined  | expected next use   | next-layer fitted | yes         | no     | no      | request  |
 | edgemoe         | pipelined  | distance / frequency| expert transitions| no          | yes    | no      | static   |
 | hobbit          | pipelined  | expected next use   | next-layer router | no          | yes    | no      | hobbit   |
 
+- next-layer router: the next MoE layer's router applied to the current residual stream (HOBBIT, AdapMoE);
+  next-layer fitted: d2moe's guess fitted by `d2moe calibrate` (routing/next_guess.py), the router's where
+  the store has none.
 - nested = a resident lower width is reused when a higher one is read (and the reverse); matryoshka-free
   keeps separate per-width copies, emulated by dropping an expert's slices whenever a different width is
   demanded (one copy at a time: generous to it, since real per-width copies would also cost memory).
@@ -32,7 +35,7 @@ class PolicySpec:
     name: str
     provider: Literal["pipelined", "sync", "hold"] = "pipelined"
     eviction: Literal["d2moe", "lru", "edgemoe"] = "d2moe"
-    prefetch: Literal["router", "transition", "none"] = "router"
+    prefetch: Literal["fitted", "router", "transition", "none"] = "fitted"
     bases_first: bool = True  # a short cache reads every demanded expert's base before anyone's planes
     nested: bool = True  # reuse resident lower planes across widths
     degrade: bool = True  # may compute with the planes it has when high planes are late (--no-stall)
@@ -46,7 +49,7 @@ POLICY_SPECS: dict[str, PolicySpec] = {
     "matryoshka-free": PolicySpec("matryoshka-free", nested=False, degrade=False),
     "edgemoe": PolicySpec("edgemoe", eviction="edgemoe", prefetch="transition", bases_first=False, degrade=False,
                           widths="static"),
-    "hobbit": PolicySpec("hobbit", bases_first=False, degrade=False, widths="hobbit"),
+    "hobbit": PolicySpec("hobbit", prefetch="router", bases_first=False, degrade=False, widths="hobbit"),
 }
 POLICIES: tuple[str, ...] = tuple(POLICY_SPECS)
 

@@ -126,6 +126,8 @@ def test_calibrate_writes_the_guess_and_the_engine_loads_and_counts_it(plain, ca
             open_model(calibrated, dataclasses.replace(small, memory_budget=budget + extra)) as b:
         assert list(generate(a, prompt)) == list(generate(b, prompt))
         assert b.provider.stats.predicted  # guesses were made and scored
+    with open_model(calibrated, dataclasses.replace(small, policy="hobbit")) as h:  # HOBBIT guesses by the router
+        assert not any(k.endswith(".guess") for k in h.decoder.w) and h.dense_bytes == a.dense_bytes
 
 
 @pytest.mark.parametrize("damage", ["garbage", "shape", "missing"])
