@@ -97,6 +97,21 @@ def test_the_fit_beats_the_router_when_the_next_choice_is_predictable(cfg):
     assert hit_rate(torch.tensor([[0, 1]]), torch.tensor([[1, 2]])) == 0.5
 
 
+def test_a_layer_the_router_already_guesses_keeps_the_router(cfg):
+    """Every layer reads the same state, so the router's own guess is always right: no fit can beat it on the
+    held-out tokens, none is kept, and the report says so."""
+    c = dataclasses.replace(cfg, post_norm=True)
+    g = torch.Generator().manual_seed(3)
+    H, k, T = c.hidden_size, c.top_k, 400
+    w = _weights(c, 4)
+    x = torch.randn(T, H, generator=g)
+    records = {L: LayerRecord(x, (x @ w[f"layers.{L}.router"].T).topk(k, -1).indices, torch.ones(T, k),
+                              torch.zeros(T, k, 1), torch.zeros(T, k, 1)) for L in c.moe_layers}
+    fitted, report = fit_next_guess(records, w, c)
+    assert fitted == {} and all(v["pull"] is None for v in report["per_layer"].values())
+    assert report["held_out_hit_rate"] == {"router": 1.0, "fitted": 1.0}
+
+
 # ---- end to end -------------------------------------------------------------------------------------------
 
 
@@ -117,8 +132,9 @@ def test_calibrate_writes_the_guess_and_the_engine_loads_and_counts_it(plain, ca
     prompt = Request((5, 17, 33, 90, 4), SamplingParams(max_tokens=10, stop_on_eos=False), 8)
     small = EngineConfig(context=64, step_tokens=5)
     with open_model(plain, small) as a, open_model(calibrated, small) as b:
-        later = b.config.moe_layers[1:]
-        assert all(f"layers.{L}.guess" in b.decoder.w and f"layers.{L}.guess_b" in b.decoder.w for L in later)
+        later = [int(L) for L, v in data["next_guess"]["per_layer"].items() if v["pull"] is not None]
+        assert later  # this seed's tiny model: fits that beat the router on held-out tokens
+        assert {k for k in b.decoder.w if ".guess" in k} == {f"layers.{L}.{n}" for L in later for n in ("guess", "guess_b")}
         extra = sum(b.decoder.w[f"layers.{L}.{n}"].nbytes for L in later for n in ("guess", "guess_b"))
         assert b.dense_bytes == a.dense_bytes + extra  # the budget counts it
         budget = a.plan.minimum + 16 * 4096  # a thrashing cache: the guess decides reads, never tokens
