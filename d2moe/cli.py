@@ -232,6 +232,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "windows": tqdm(total=n_windows, desc="calibrate: run", unit="win", disable=args.quiet, leave=False),
             "layers": tqdm(total=layers, desc="calibrate: price widths", unit="layer", disable=args.quiet, leave=False),
             "fit": tqdm(total=layers, desc="calibrate: fit router two", unit="layer", disable=args.quiet, leave=False),
+            "guess": tqdm(total=max(layers - 1, 0), desc="calibrate: fit the next-layer guess", unit="layer",
+                          disable=args.quiet, leave=False),
             "finetune": tqdm(total=args.finetune_steps, desc="calibrate: fine-tune on KL", unit="step",
                              disable=args.quiet, leave=False),
         }

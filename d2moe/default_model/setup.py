@@ -88,7 +88,8 @@ def calibrate_default(store: Path, texts: Path, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     with open_model(store) as model:
         windows, files = calibration_windows(model.require_tokenizer(), texts, CALIBRATION_WINDOWS, seed=1)
-        steps = len(windows) + 2 * len(model.config.moe_layers)  # windows run, layers priced, layers fitted
+        # windows run, layers priced, router two fitted per layer, the next-layer guess fitted per layer after the first
+        steps = len(windows) + 3 * len(model.config.moe_layers) - 1
         bar = tqdm(total=steps, desc="calibrating widths", unit="step", disable=not progress, leave=False)
         summary = calibrate(model, windows.reshape(-1).tolist(), tokens=windows.numel(), context=windows.shape[1],
                             sources=list(files), progress=lambda what, n: bar.update(n))

@@ -97,7 +97,7 @@ def calibrate(model: LoadedModel, ids: list[int], *, tokens: int = 4096, context
         prices = (first["high"]["price"], first["fast"]["price"])
         router, tune_log = finetune(model, router, windows, prices, tune, progress)
     router = with_floors(router, records)
-    guess, guess_report = fit_next_guess(records, model.decoder.w, model.config)
+    guess, guess_report = fit_next_guess(records, model.decoder.w, model.config, progress=progress)
     stats = expert_stats(records, model.config.num_experts, widths)
     summary = {
         "version": CALIBRATION_VERSION,

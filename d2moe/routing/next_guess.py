@@ -16,6 +16,7 @@ overlaps compute; results never depend on the guess.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,7 +69,8 @@ def hit_rate(guess: torch.Tensor, actual: torch.Tensor) -> float:
 
 
 def fit_next_guess(records: dict[int, "LayerRecord"], w: dict[str, torch.Tensor], cfg: ModelConfig,
-                   pulls: tuple[float, ...] = PULLS) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict]:
+                   pulls: tuple[float, ...] = PULLS, progress: Callable[[str, int], None] | None = None,
+                   ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict]:
     """Per MoE layer N after the first: (P_N [E, H], c_N [E]) and a report of held-out hit rates (the pull
     chosen on the last quarter of the calibration tokens, then refitted on all of them). A layer where no pull
     beats the router's own guess on that quarter is left out (it keeps the router: a random-weight model's
@@ -95,6 +97,8 @@ def fit_next_guess(records: dict[int, "LayerRecord"], w: dict[str, torch.Tensor]
         best = max(range(len(pulls)), key=lambda i: (rates[i], pulls[i]))
         router = hit_rate(guess(prior, X[cut:]), actual)
         report["router"].append(router)
+        if progress:
+            progress("guess", 1)
         if rates[best] <= router:  # no fit beats the router on held-out tokens: the layer keeps the router
             report["fitted"].append(router)
             report["pull"].append(None)
