@@ -92,9 +92,15 @@ def guess_layer(x: torch.Tensor, w: dict[str, torch.Tensor], prefix: str, cfg: M
     P = w.get(prefix + "guess")
     if P is None:
         return route_layer(x, w, prefix, cfg)
-    b = w[prefix + "guess_b"]
+    return route_by(x, P, w[prefix + "guess_b"], w, prefix, cfg)
+
+
+def route_by(x: torch.Tensor, P: torch.Tensor, c: torch.Tensor, w: dict[str, torch.Tensor], prefix: str,
+             cfg: ModelConfig) -> Routing:
+    """`route_layer` with the router matrix replaced by P [E, H] and the bias c [E] added to the layer's own
+    (the layer's choice bias and routing rule unchanged): a fitted guess, as used and as fitted."""
     own = w.get(prefix + "router_b")
-    return route(x, P, cfg, w.get(prefix + "router_bias"), b if own is None else b + own.float())
+    return route(x, P, cfg, w.get(prefix + "router_bias"), c if own is None else c + own.float())
 
 
 def _within_best_groups(choice: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

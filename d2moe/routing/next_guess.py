@@ -7,8 +7,9 @@ partly predictable from the same state, so `d2moe calibrate` fits, per MoE layer
 and bias c_N [E] from the guess's input to N's true router logits on the calibration tokens: ridge
 regression pulled toward N's own router (P_N = W_N, c_N = 0 is the unfitted guess, so little data can only
 move it a little). The pull is chosen on a held-out quarter of the tokens, and a layer keeps its router where
-no pull beats it there; the held-out hit rates of both guesses go into calibration.json. Measured on held-out Hamlet (2,048 tokens): bench8x (random router) 73.4 %
--> 83.1 % of the chosen experts guessed, the default model 93.2 % -> 96.0 %.
+no pull beats it there; the held-out hit rates of both guesses go into calibration.json. Measured on held-out
+Hamlet (2,048 tokens): bench8x (random router) 73.4 % -> 83.1 % of the chosen experts guessed, the default
+model 93.2 % -> 96.0 %.
 
 A wrong guess is bytes read for nothing (issue 7's bytes-per-need ratio) and a right one is a read that
 overlaps compute; results never depend on the guess.
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from d2moe.config import ModelConfig
-from d2moe.models.moe import route
+from d2moe.models.moe import route_by
 
 if TYPE_CHECKING:  # collect.py imports the engine, which loads this module
     from d2moe.routing.collect import LayerRecord
@@ -84,11 +85,9 @@ def fit_next_guess(records: dict[int, "LayerRecord"], w: dict[str, torch.Tensor]
         X = guess_features(records[layer].x.float(), w, layer, nxt, cfg)
         Z = records[nxt].x.float() @ W.T  # the router's linear logits (its own bias is added as usual)
         prior = torch.cat([W.T, torch.zeros(1, W.shape[0])])
-        bias, b = w.get(q + "router_bias"), w.get(q + "router_b")
 
         def guess(B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            c = B[-1] if b is None else B[-1] + b.float()
-            return route(x, B[:-1].T.contiguous(), cfg, bias, c).idx
+            return route_by(x, B[:-1].T.contiguous(), B[-1], w, q, cfg).idx
 
         n = X.shape[0]
         cut = n - n // 4
