@@ -6,7 +6,9 @@ which neither the default model's build nor `d2moe calibrate` reads), windows of
 - random:  each chosen expert at floor(a) or floor(a)+1 bits at random, averaging a bits;
 - hobbit:  HOBBIT's rule, experts of gate weight below a threshold at a low width, the rest at 8;
 - edgemoe: EdgeMoE's static per-expert widths from the calibrated sensitivity, at several byte targets;
-- router:  router two (d2moe calibrate) at the tiers' prices and a few more points of its price curve.
+- router:  router two (d2moe calibrate) at the tiers' prices and a few more points of its price curve;
+- oracle:  (not by default) widths chosen with hindsight from the held-out tokens' own second-order costs,
+           a bound for any per-token width router (benchmarks/oracle_widths.py).
 The x axis is what the chosen widths need (bytes per token, whatever is cached), so methods compare at
 equal bytes. Writes JSON and a plot (the Pareto front).
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import write_result
+from benchmarks.oracle_widths import OracleRule, oracle_points
 from d2moe.config import EngineConfig
 from d2moe.default_model.paths import default_model_dir, default_texts_dir
 from d2moe.engine.model import LoadedModel, open_model
@@ -105,6 +108,11 @@ def plan(model: LoadedModel, cal: dict | None) -> list[tuple[str, str, object, f
     return points
 
 
+def _group(row: dict) -> str:
+    """One plotted line per method (the oracle: one per floor width)."""
+    return row["method"] if row["method"] != "oracle" else "oracle, " + row["setting"].split(",")[0]
+
+
 def plot(rows: list[dict], path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -116,8 +124,8 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["expert_bytes_per_token"] / 2**20, r["perplexity"]) for r in rows if r["method"] == method)
+    for method in dict.fromkeys(_group(r) for r in rows):
+        pts = sorted((r["expert_bytes_per_token"] / 2**20, r["perplexity"]) for r in rows if _group(r) == method)
         ax.plot(*zip(*pts), marker="o", label=method, linestyle="-" if method in ("router", "fixed") else ":")
     ax.set_xlabel("expert bytes per token (MiB) the chosen widths need")
     ax.set_ylabel("perplexity (held-out)")
@@ -138,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="held-out tokens (at 1,024-2,048 a change of widths moves perplexity a few %% either way "
                          "by chance, as much as the differences measured)")
     ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--methods", nargs="+", default=["fixed", "random", "hobbit", "edgemoe", "router"])
+    ap.add_argument("--methods", nargs="+", default=["fixed", "random", "hobbit", "edgemoe", "router"],
+                    choices=["fixed", "random", "hobbit", "edgemoe", "router", "oracle"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/pareto_default")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's JSON")
@@ -166,11 +175,16 @@ def main(argv: list[str] | None = None) -> int:
                                                add_special_tokens=False).ids
         full = model.reader.config.layout.prefix_bytes(model.reader.max_bits)
         todo = [p for p in plan(model, cal) if p[0] in args.methods]
+        if "oracle" in args.methods:
+            print("oracle: pricing every width of every chosen expert on the held-out tokens", flush=True)
+            todo += oracle_points(model, ids, args.tokens, args.context)
         for method, setting, rule, price in sorted(todo, key=lambda p: args.methods.index(p[0])):
             bits = int(setting.split()[0]) if method == "fixed" else None
             if bits is not None:
                 rule = lambda layer, x, r, token_bits, price, b=bits: torch.full_like(r.idx, b)
             row = {"method": method, "setting": setting, **evaluate(model, ids, args.tokens, args.context, rule, price)}
+            if isinstance(rule, OracleRule):  # experts the quantized run chose where the widest model did not
+                row["unmatched"] = rule.unmatched / max(rule.total, 1)
             row["byte_frac"] = row["expert_bytes_per_token"] / (full * len(model.config.moe_layers) * model.config.top_k)
             rows.append(row)
             print(f"{method:>8} {setting:>16}: ppl {row['perplexity']:8.3f}  {row['avg_bits']:.2f} bits  "
