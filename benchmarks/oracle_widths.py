@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from d2moe.models.widths import request_widths
+from d2moe.routing.calibrate import width_bytes
 from d2moe.routing.collect import LayerRecord, collect, token_windows
 
 TARGETS = (0.75, 0.5, 0.3)  # byte fractions of the widest width (the tiers' targets)
@@ -69,7 +71,7 @@ class OracleRule:
     def __call__(self, layer: int, x: torch.Tensor, r, token_bits: torch.Tensor, price) -> torch.Tensor:
         T = x.shape[0]
         if T != self.context or layer not in self.records:
-            return token_bits.view(-1, 1).expand_as(r.idx).clone()
+            return request_widths(r.idx, token_bits)
         n = self.calls[layer]
         self.calls[layer] += 1
         rows = slice(n * T, (n + 1) * T)
@@ -80,19 +82,17 @@ class OracleRule:
         out[found] = bits.gather(1, match.float().argmax(-1))[found]
         self.unmatched += int((~found).sum())
         self.total += found.numel()
-        return torch.minimum(out, token_bits.view(-1, 1))
+        return torch.minimum(out, request_widths(r.idx, token_bits))
 
 
 def oracle_points(model, ids: list[int], tokens: int, context: int, targets=TARGETS, floors=FLOORS,
                   progress=None) -> list[tuple[str, str, OracleRule, None]]:
     """(method, setting, rule, price) rows for `benchmarks.pareto`: the cost collection on the held-out
     windows, then one rule per (floor, target)."""
-    reader = model.reader
-    widths = list(range(reader.min_bits, reader.max_bits + 1))
-    layout = reader.config.layout
-    frac = torch.tensor([layout.prefix_bytes(b) / layout.prefix_bytes(widths[-1]) for b in widths])
+    widths, fracs = width_bytes(model.reader)
+    frac = torch.tensor(fracs)
     records = collect(model, token_windows(ids, context, tokens), widths, progress)
-    costs = [records[L].cost for L in sorted(records)]
+    costs = [r.cost for r in records.values()]
     points = []
     for floor in floors:
         allowed = torch.tensor(widths) >= floor

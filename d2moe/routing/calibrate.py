@@ -78,16 +78,20 @@ def static_widths(stats: dict, widths: list[int], byte_frac: list[float], target
     return {L: [widths[int(i)] for i in row] for L, row in zip(layers, choice)}
 
 
+def width_bytes(reader) -> tuple[list[int], list[float]]:
+    """The store's widths, narrowest first, and each width's expert bytes as a fraction of the widest's."""
+    widths = list(range(reader.min_bits, reader.max_bits + 1))
+    layout = reader.config.layout
+    return widths, [layout.prefix_bytes(b) / layout.prefix_bytes(widths[-1]) for b in widths]
+
+
 def calibrate(model: LoadedModel, ids: list[int], *, tokens: int = 4096, context: int = 256,
               fit: FitConfig = FitConfig(), tune: FinetuneConfig | None = None,
               sources: list[str] | None = None,
               progress: Callable[[str, int], None] | None = None) -> dict:
     """Run the whole calibration on token `ids` and write it into the model's store; returns the summary."""
     t0 = time.perf_counter()
-    reader = model.reader
-    widths = list(range(reader.min_bits, reader.max_bits + 1))
-    layout = reader.config.layout
-    byte_frac = [layout.prefix_bytes(b) / layout.prefix_bytes(widths[-1]) for b in widths]
+    widths, byte_frac = width_bytes(model.reader)
     windows = token_windows(ids, context, tokens)
     records = collect(model, windows, widths, progress)
     router, fit_error = fit_router(records, widths, byte_frac, model.config.num_experts, fit, progress)
